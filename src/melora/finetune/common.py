@@ -19,13 +19,17 @@ METHODS = ("melora", "lora", "full")
 def add_adapter_args(parser: argparse.ArgumentParser) -> None:
     """Adapter flags shared by the runners. Every default is None so a YAML preset can fill it."""
     group = parser.add_argument_group("adapter")
-    group.add_argument("--method", choices=METHODS, default=None, help="melora (default), lora or full fine-tuning")
+    group.add_argument(
+        "--method", choices=METHODS, default=None, help="melora (default), lora or full fine-tuning"
+    )
     group.add_argument("--r", type=int, default=None, help="rank of each mini LoRA (MELoRA) or of the LoRA")
     group.add_argument("--n", type=int, default=None, help="number of mini LoRAs (MELoRA only)")
     group.add_argument("--alpha", type=float, default=None, help="scaling numerator: scaling = alpha / r")
     group.add_argument("--dropout", type=float, default=None, help="dropout on the adapter input")
     group.add_argument("--target-modules", nargs="+", default=None, help="module names to adapt")
-    group.add_argument("--config", type=Path, default=None, help="YAML preset; command-line flags override it")
+    group.add_argument(
+        "--config", type=Path, default=None, help="YAML preset; command-line flags override it"
+    )
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -64,15 +68,24 @@ def build_peft_config(
         from melora import MELoRAConfig
 
         return MELoRAConfig(
-            r=r, n=n, alpha=alpha, dropout=dropout, target_modules=target_modules,
-            modules_to_save=modules_to_save, task_type=task_type,
+            r=r,
+            n=n,
+            alpha=alpha,
+            dropout=dropout,
+            target_modules=target_modules,
+            modules_to_save=modules_to_save,
+            task_type=task_type,
         )
     if method == "lora":
         from peft import LoraConfig
 
         return LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules,
-            modules_to_save=modules_to_save, task_type=task_type,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules,
+            modules_to_save=modules_to_save,
+            task_type=task_type,
         )
     raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
 

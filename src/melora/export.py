@@ -1,0 +1,147 @@
+"""Export a MELoRA adapter as a standard PEFT LoRA adapter of rank n*r (servable by vLLM, SGLang, llama.cpp).
+
+The LoRA factors are the block-diagonal stacks of the mini LoRAs:
+``lora_A = blockdiag(A_1..A_n)`` (n*r, d_in), ``lora_B = blockdiag(B_1..B_n)`` (d_out, n*r), and
+``lora_alpha = n * alpha`` so that ``lora_alpha / (n*r) == alpha / r``: the exported LoRA computes exactly
+the MELoRA update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from melora.functional import to_lora_factors
+from melora.io import ADAPTER_WEIGHTS, atomic_directory, read_adapter_config, read_adapter_weights
+from melora.tuner.config import PEFT_TYPE, MELoRAConfig
+from melora.tuner.layer import MELoRALayer
+
+
+def _factors_from_model(model: torch.nn.Module, adapter_name: str) -> tuple[MELoRAConfig, dict[str, Any]]:
+    """(config, {saved-key prefix: (A, B)}) read off a live PeftModel."""
+    config = model.peft_config[adapter_name]
+    factors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, MELoRALayer) and adapter_name in module.melora_A:
+            factors[name] = (module.melora_A[adapter_name].detach(), module.melora_B[adapter_name].detach())
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    extra = {k: v for k, v in state.items() if ".melora_" not in k}
+    return config, {"factors": factors, "extra": extra}
+
+
+def _factors_from_dir(adapter_dir: str | os.PathLike) -> tuple[MELoRAConfig, dict[str, Any]]:
+    """(config, {saved-key prefix: (A, B)}) read off a saved adapter folder (safetensors only)."""
+    config_dict = read_adapter_config(adapter_dir)
+    if config_dict.get("peft_type") != PEFT_TYPE:
+        raise ValueError(
+            f"{Path(adapter_dir) / 'adapter_config.json'} has peft_type {config_dict.get('peft_type')!r}; "
+            f"export_lora needs a MELoRA adapter (peft_type {PEFT_TYPE!r})."
+        )
+    known = MELoRAConfig.__dataclass_fields__
+    config = MELoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "peft_type"})
+    state = read_adapter_weights(adapter_dir)
+    factors = {}
+    for key in state:
+        if key.endswith(".melora_A"):
+            prefix = key.removesuffix(".melora_A")
+            b_key = prefix + ".melora_B"
+            if b_key not in state:
+                raise ValueError(
+                    f"{adapter_dir}: {key} has no matching {b_key}; the adapter file is incomplete."
+                )
+            factors[prefix] = (state[key], state[b_key])
+    extra = {k: v for k, v in state.items() if ".melora_" not in k}
+    return config, {"factors": factors, "extra": extra}
+
+
+def _lora_config(config: MELoRAConfig, n_r: int) -> dict[str, Any]:
+    from peft import LoraConfig
+
+    target = config.target_modules
+    lora = LoraConfig(
+        r=n_r,
+        lora_alpha=config.alpha * config.n,
+        lora_dropout=config.dropout,
+        target_modules=sorted(target) if isinstance(target, set) else target,
+        exclude_modules=sorted(config.exclude_modules)
+        if isinstance(config.exclude_modules, set)
+        else config.exclude_modules,
+        fan_in_fan_out=config.fan_in_fan_out,
+        bias="none",
+        use_rslora=False,
+        use_dora=False,
+        modules_to_save=config.modules_to_save,
+        layers_to_transform=config.layers_to_transform,
+        layers_pattern=config.layers_pattern,
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        revision=config.revision,
+    )
+    return lora
+
+
+def export_lora(
+    model_or_adapter_dir: torch.nn.Module | str | os.PathLike,
+    lora_dir: str | os.PathLike,
+    adapter_name: str = "default",
+) -> Path:
+    """Write a standard PEFT LoRA adapter (rank n*r) equal to a MELoRA adapter.
+
+    Args:
+        model_or_adapter_dir: a PeftModel holding a MELoRA adapter, or a saved MELoRA adapter folder.
+        lora_dir: output folder; gets adapter_config.json (peft_type "LORA", r = n*r, lora_alpha = n*alpha)
+            and adapter_model.safetensors with keys ``<module>.lora_A.weight`` (n*r, d_in) and
+            ``<module>.lora_B.weight`` (d_out, n*r). Written atomically.
+        adapter_name: which adapter of a PeftModel to export.
+    Returns:
+        ``Path(lora_dir)``.
+    """
+    if isinstance(model_or_adapter_dir, torch.nn.Module):
+        if adapter_name not in getattr(model_or_adapter_dir, "peft_config", {}):
+            raise ValueError(f"The model has no adapter named {adapter_name!r}.")
+        config, parts = _factors_from_model(model_or_adapter_dir, adapter_name)
+    else:
+        config, parts = _factors_from_dir(model_or_adapter_dir)
+    if config.peft_type != PEFT_TYPE:
+        raise ValueError(f"Adapter {adapter_name!r} is {config.peft_type}, not MELoRA: nothing to export.")
+    if config.bias != "none":
+        raise ValueError(
+            f"bias={config.bias!r}: a standard LoRA adapter (and vLLM) carries no bias terms. Merge the adapter "
+            "instead (merge_and_unload) or train with bias='none'."
+        )
+    if not parts["factors"]:
+        raise ValueError("The adapter holds no MELoRA factors: nothing to export.")
+    tensors = {}
+    for prefix, (A, B) in parts["factors"].items():
+        # Same (n*r, d_in) / (d_out, n*r) layout for Conv1D too: PEFT's LoRA transposes dW when fan_in_fan_out.
+        lora_A, lora_B = to_lora_factors(A.float(), B.float())  # (n*r, d_in), (d_out, n*r)
+        tensors[f"{prefix}.lora_A.weight"] = lora_A.to(A.dtype).contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = lora_B.to(B.dtype).contiguous()
+    tensors.update({k: v.contiguous() for k, v in parts["extra"].items()})
+    lora_config = _lora_config(config, n_r=config.n * config.r)
+    with atomic_directory(lora_dir) as tmp:
+        lora_config.save_pretrained(tmp)
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return Path(lora_dir)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export-lora", help="convert a saved MELoRA adapter into a standard LoRA adapter (rank n*r)"
+    )
+    parser.add_argument("adapter_dir", help="saved MELoRA adapter folder")
+    parser.add_argument("lora_dir", help="output folder for the LoRA adapter")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    out = export_lora(args.adapter_dir, args.lora_dir)
+    print(f"wrote a standard LoRA adapter to {out}")
+    return 0

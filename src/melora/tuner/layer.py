@@ -1,0 +1,196 @@
+"""The MELoRA adapter layer: parameters, init, merge/unmerge and forward (math in melora.functional)."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from melora.functional import init_melora_factors, melora_delta_weight, melora_forward
+
+BASE_ADAPTER_NAME = "__base__"
+
+
+def _features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or transformers Conv1D."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    if isinstance(base_layer, Conv1D):
+        weight = base_layer.weight
+        in_features, out_features = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
+        return in_features, out_features
+    raise TypeError(
+        f"MELoRA cannot adapt {module_name or 'this module'} of type {type(base_layer).__name__}: only "
+        "torch.nn.Linear and transformers' Conv1D are supported. Remove it from target_modules."
+    )
+
+
+class MELoRALayer(BaseTunerLayer):
+    """Per-adapter state of a MELoRA-wrapped layer.
+
+    For adapter ``a``: ``melora_A[a]`` (n, r, in_features // n), ``melora_B[a]`` (n, out_features // n, r),
+    ``scaling[a] = alpha / r``. The layer keeps the real ``in_features`` / ``out_features``.
+    """
+
+    adapter_layer_names = ("melora_A", "melora_B")
+    other_param_names = ("r", "n", "alpha", "scaling", "melora_dropout")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.r: dict[str, int] = {}
+        self.n: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.melora_dropout = nn.ModuleDict({})
+        self.melora_A = nn.ParameterDict({})
+        self.melora_B = nn.ParameterDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = _features(self.get_base_layer(), module_name)
+        self.kwargs = kwargs
+
+    def update_layer(
+        self, adapter_name: str, r: int, n: int, alpha: float, dropout: float, init_weights: bool = True
+    ) -> None:
+        """Create (or replace) adapter ``adapter_name`` on this layer."""
+        name = self.module_name or type(self.get_base_layer()).__name__
+        if r < 1 or n < 1:
+            raise ValueError(f"r={r} and n={n} must both be >= 1 for {name}.")
+        for what, size in (("in_features", self.in_features), ("out_features", self.out_features)):
+            if size % n:
+                divisors = [
+                    d
+                    for d in range(1, min(size, 64) + 1)
+                    if size % d == 0 and self.in_features % d == 0 and self.out_features % d == 0
+                ]
+                raise ValueError(
+                    f"n={n} does not divide {what}={size} of {name} (in_features={self.in_features}, "
+                    f"out_features={self.out_features}). Choose n among the common divisors "
+                    f"{divisors}, or exclude this module (exclude_modules / target_modules)."
+                )
+        self.r[adapter_name] = r
+        self.n[adapter_name] = n
+        self.alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / r
+        self.melora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        A = torch.empty(n, r, self.in_features // n, dtype=dtype, device=weight.device)
+        B = torch.empty(n, self.out_features // n, r, dtype=dtype, device=weight.device)
+        init_melora_factors(A, B, zero_B=init_weights)
+        self.melora_A[adapter_name] = nn.Parameter(A)
+        self.melora_B[adapter_name] = nn.Parameter(B)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters)
+
+
+class Linear(nn.Module, MELoRALayer):
+    """MELoRA around a ``torch.nn.Linear`` or transformers ``Conv1D`` (``fan_in_fan_out=True``).
+
+    ``y = base(x) + (alpha / r) * concat_i(B_i A_i dropout(x)_i)`` for input x of shape (..., in_features);
+    equivalently ``y = x @ (W + dW).T + bias`` with ``dW = (alpha / r) * blockdiag(B_1 A_1, ..., B_n A_n)``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        module_name: str = "",
+        r: int = 1,
+        n: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        fan_in_fan_out: bool = False,
+        init_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        MELoRALayer.__init__(self, base_layer, module_name=module_name, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r=r, n=n, alpha=alpha, dropout=dropout, init_weights=init_weights)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """dW of ``adapter`` in float32, laid out like the base weight: (out, in), or (in, out) for Conv1D."""
+        A = self.melora_A[adapter].float()  # (n, r, k)
+        B = self.melora_B[adapter].float()  # (n, o, r)
+        delta = melora_delta_weight(A, B, self.scaling[adapter])  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the active (or given) adapters' dW to the base weight; computed in fp32, cast back."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base_weight = self.get_base_layer().weight
+        for adapter in adapter_names:
+            if adapter not in self.melora_A:
+                continue
+            merged = base_weight.data.float() + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Safe merge of adapter {adapter!r} into {self.module_name} would give NaN/Inf weights; the "
+                    "adapter is broken (check its training for divergence). Nothing was merged into this layer."
+                )
+            base_weight.data = merged.to(base_weight.dtype)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's dW from the base weight (fp32 arithmetic)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base_weight = self.get_base_layer().weight
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.melora_A:
+                restored = base_weight.data.float() - self.get_delta_weight(adapter)
+                base_weight.data = restored.to(base_weight.dtype)
+
+    def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) contribution of one adapter, in the adapter's dtype."""
+        A = self.melora_A[adapter]
+        x = self.melora_dropout[adapter](x.to(A.dtype))
+        return melora_forward(x, A, self.melora_B[adapter], self.scaling[adapter])
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        """Row b of the batch uses adapter ``adapter_names[b]`` ("__base__" = no adapter)."""
+        result = self.base_layer(x, *args, **kwargs)
+        if len(adapter_names) != x.shape[0]:
+            raise ValueError(
+                f"{self.module_name}: got {len(adapter_names)} adapter_names for a batch of {x.shape[0]} rows; "
+                "pass one name per row."
+            )
+        for adapter in set(adapter_names):
+            if adapter == BASE_ADAPTER_NAME or adapter not in self.melora_A:
+                continue
+            rows = torch.tensor([i for i, a in enumerate(adapter_names) if a == adapter], device=x.device)
+            update = self._adapter_output(x[rows], adapter)
+            result[rows] = result[rows] + update.to(result.dtype)
+        return result
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError(f"{self.module_name}: unmerge the adapters before a mixed-adapter batch.")
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.melora_A:
+                result = result + self._adapter_output(x, adapter).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "melora." + super().__repr__()

@@ -1,0 +1,137 @@
+"""MELoRAModel: the PEFT tuner that finds target modules and wraps them with MELoRA layers."""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
+from transformers.pytorch_utils import Conv1D
+
+from melora.tuner.config import MELoRAConfig
+from melora.tuner.layer import BASE_ADAPTER_NAME, Linear, MELoRALayer
+
+# Same defaults as PEFT's LoRA: BERT/RoBERTa query,value; Llama/Mistral/Qwen/Gemma q_proj,v_proj; GPT-2 c_attn.
+TRANSFORMERS_MODELS_TO_MELORA_TARGET_MODULES_MAPPING = dict(
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+)
+TRANSFORMERS_MODELS_TO_MELORA_TARGET_MODULES_MAPPING.setdefault("smollm3", ["q_proj", "v_proj"])
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class MELoRAModel(BaseTuner):
+    """Adds MELoRA adapters to a model (see :class:`melora.MELoRAConfig`). Build it with ``peft.get_peft_model``."""
+
+    prefix: str = "melora_"
+    tuner_layer_cls = MELoRALayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_MELORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        config: MELoRAConfig,
+        adapter_name: str,
+        target: torch.nn.Module,
+        target_name: str,
+        parent: torch.nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        layer_kwargs = {
+            "r": config.r,
+            "n": config.n,
+            "alpha": config.alpha,
+            "dropout": config.dropout,
+            "init_weights": config.init_weights,
+        }
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, **layer_kwargs)
+            return
+        new_module = self._create_new_module(config, adapter_name, target, current_key, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trained by default
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(
+        config: MELoRAConfig, adapter_name: str, target: torch.nn.Module, module_name: str, **kwargs: Any
+    ) -> Linear:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, torch.nn.Linear):
+            if config.fan_in_fan_out:
+                warnings.warn(f"{module_name} is nn.Linear: setting fan_in_fan_out=False.", stacklevel=2)
+                config.fan_in_fan_out = False
+        elif isinstance(base, Conv1D):
+            if not config.fan_in_fan_out:
+                warnings.warn(f"{module_name} is Conv1D: setting fan_in_fan_out=True.", stacklevel=2)
+                config.fan_in_fan_out = True
+        else:
+            raise TypeError(
+                f"MELoRA cannot adapt {module_name} of type {type(base).__name__}: only torch.nn.Linear and "
+                "transformers' Conv1D are supported. Remove it from target_modules."
+            )
+        return Linear(
+            target, adapter_name, module_name=module_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Check every MELoRA tensor's shape against the model before PEFT loads it."""
+        state_dict = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        params = dict(model.named_parameters())
+        for key, tensor in state_dict.items():
+            if ".melora_" not in key:
+                continue
+            target = params.get(key) or params.get(key.removeprefix("base_model.model."))
+            if target is not None and tuple(target.shape) != tuple(tensor.shape):
+                module = key.rsplit(".melora_", 1)[0].removeprefix("base_model.model.")
+                raise ValueError(
+                    f"Adapter tensor {key} has shape {tuple(tensor.shape)} but module {module} of this base model "
+                    f"needs {tuple(target.shape)} (n={config.n}, r={config.r}). The adapter was trained on a "
+                    "different base model: load it onto the model named in its adapter_config.json "
+                    f"({config.base_model_name_or_path!r})."
+                )
+        return state_dict
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Route ``adapter_names=[...]`` (one per batch row; "__base__" = none) to every MELoRA layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` in training mode: call model.eval() first.")
+        known = set()
+        for layer in self.modules():
+            if isinstance(layer, MELoRALayer):
+                known |= set(layer.melora_A.keys())
+        unknown = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - known
+        if unknown:
+            raise ValueError(
+                f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}; "
+                f"known adapters: {', '.join(sorted(known))} (or '{BASE_ADAPTER_NAME}')."
+            )
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:  # generate() repeats each row num_beams times
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (MELoRALayer, AuxiliaryTrainingWrapper)):  # heads in modules_to_save too
+                hook = partial(_inject_adapter_names, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
