@@ -1,0 +1,258 @@
+"""``melora eval``: InstructEval-style MMLU / BBH / HumanEval / DROP for a base model or an adapter.
+
+Python API: :func:`run_eval` (also used by the instruction-tuning study). It loads every task's
+data first (so a missing file fails before the slow model load), loads the model (hub name,
+folder, ``.gguf`` or alias) and optionally a MELoRA / LoRA adapter (merged on request), runs
+the tasks, and writes ``results.json`` (kind "eval"), ``results.md`` and ``predictions/<task>.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from melora.eval import bbh, mmlu
+from melora.eval.scoring import TaskResult
+from melora.finetune.common import environment_info, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How to load one task's data (local folder name, or the hub when None) and how to evaluate it."""
+
+    folder: str
+    load: Callable[[Path | None, int | None], Any]
+    evaluate: Callable[..., TaskResult]
+
+
+TASKS: dict[str, TaskSpec] = {
+    "mmlu": TaskSpec("mmlu", mmlu.load, lambda m, t, d, o: mmlu.evaluate(m, t, d, o.batch_size)),
+    "bbh": TaskSpec(
+        "bbh", bbh.load, lambda m, t, d, o: bbh.evaluate(m, t, d, o.batch_size, o.max_new_tokens)
+    ),
+}
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Options every task evaluator may read."""
+
+    batch_size: int
+    max_new_tokens: int | None
+    allow_code_execution: bool
+
+
+def parse_tasks(tasks: str | list[str]) -> list[str]:
+    """``"mmlu,bbh"`` or ``["mmlu", "bbh"]`` -> checked, de-duplicated list in the given order."""
+    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
+    names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    unknown = [n for n in names if n not in TASKS]
+    if unknown or not names:
+        raise ValueError(f"Unknown or empty --tasks {unknown or names}; choose from {', '.join(TASKS)}.")
+    return names
+
+
+def task_data_dir(data_dir: str | Path | None, folder: str) -> Path | None:
+    """Local folder of one task, or None (read the hub) when ``data_dir`` is None or lacks it.
+
+    ``data_dir`` may be the eval folder itself (holding ``mmlu/``, ``bbh/`` ...) or its parent.
+    """
+    if data_dir is None:
+        return None
+    root = Path(data_dir)
+    for candidate in (root / folder, root / "eval" / folder):
+        if candidate.is_dir():
+            return candidate
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-dir {root} does not exist.")
+    logger.info("No %s/ under %s; reading %s from the HuggingFace hub", folder, root, folder)
+    return None
+
+
+def _adapter_stats(model: torch.nn.Module) -> dict[str, Any]:
+    """Method name, adapter parameter count and equivalent rank of a loaded PeftModel."""
+    name = model.active_adapter
+    config = model.peft_config[name]
+    params = sum(p.numel() for n, p in model.named_parameters() if name in n.split("."))
+    rank = int(config.r) * int(getattr(config, "n", 1) or 1)
+    rank_pattern = getattr(config, "rank_pattern", None) or {}
+    if rank_pattern:
+        rank = max([rank, *(int(r) * int(getattr(config, "n", 1) or 1) for r in rank_pattern.values())])
+    method = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    return {"method": method, "trainable_params": params, "equivalent_rank": rank}
+
+
+def load_model(model: str, adapter: str | None = None, merge: bool = False):
+    """Return ``(model, tokenizer, stats)``; ``stats`` holds method, trainable_params, equivalent_rank."""
+    from melora.models import load_causal_lm
+
+    base, tokenizer = load_causal_lm(model)
+    stats: dict[str, Any] = {"method": "base", "trainable_params": 0, "equivalent_rank": None}
+    if adapter is not None:
+        from peft import PeftModel
+
+        import melora  # noqa: F401  (registers the MELORA PEFT method)
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder?)."
+            )
+        base = PeftModel.from_pretrained(base, adapter)
+        stats = _adapter_stats(base)
+        if merge:
+            base = base.merge_and_unload()
+    elif merge:
+        raise ValueError("--merge needs --adapter: there is nothing to merge into the base model.")
+    return base.eval(), tokenizer, stats
+
+
+def default_label(model: str, adapter: str | None) -> str:
+    """The adapter folder's name, else a local model folder's name, else "base"."""
+    if adapter is not None:
+        return Path(adapter).name
+    if Path(model).is_dir():
+        return Path(model).name
+    return "base"
+
+
+def evaluate_tasks(
+    model: torch.nn.Module, tokenizer, data: dict[str, Any], options: EvalOptions
+) -> dict[str, TaskResult]:
+    """Run each task on already-loaded data; returns results by task name."""
+    results = {}
+    for name, task_data in data.items():
+        start = time.perf_counter()
+        results[name] = TASKS[name].evaluate(model, tokenizer, task_data, options)
+        results[name].details["wall_time_s"] = round(time.perf_counter() - start, 2)
+        logger.info("%s: %s (%.1f s)", name, results[name].summary, results[name].details["wall_time_s"])
+    return results
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """A headline table plus one per-subject / per-task table for each task that has them."""
+    lines = [f"# Evaluation: {results['label']}", "", f"model `{results['config']['model']}`, "
+             f"adapter `{results['config']['adapter']}`, limit {results['config']['limit']}", "",
+             "| metric | value |", "|---|---:|"]  # fmt: skip
+    lines += [f"| {k} | {v:.4f} |" for k, v in results["summary"].items()]
+    for task, detail in results["tasks"].items():
+        for key, table in detail.items():
+            if isinstance(table, dict) and table and key.startswith("per_"):
+                lines += ["", f"## {task}: {key.replace('_', ' ')}", "", "| name | score |", "|---|---:|"]
+                lines += [f"| {k} | {v:.4f} |" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_predictions(folder: Path, name: str, predictions: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+        for record in predictions:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def run_eval(
+    model: str,
+    adapter: str | None,
+    tasks: list[str],
+    data_dir: str | None,
+    limit: int | None,
+    batch_size: int,
+    output_dir: str,
+    allow_code_execution: bool = False,
+    max_new_tokens: int | None = None,
+    *,
+    merge: bool = False,
+    label: str | None = None,
+) -> dict:
+    """Evaluate ``model`` (+ ``adapter``) on ``tasks``; write and return the results.json dict.
+
+    ``limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval / DROP.
+    ``max_new_tokens`` overrides every generation task's default (BBH 32, HumanEval 256, DROP 16).
+    """
+    start = time.perf_counter()
+    names = parse_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of questions, got {limit}.")
+    if "humaneval" in names and not allow_code_execution:
+        raise PermissionError(
+            "HumanEval executes model-written code: pass --allow-code-execution (allow_code_execution=True) "
+            "to run it in a sandboxed subprocess, or drop humaneval from --tasks."
+        )
+    data = {name: TASKS[name].load(task_data_dir(data_dir, TASKS[name].folder), limit) for name in names}
+    lm, tokenizer, stats = load_model(model, adapter, merge)
+    options = EvalOptions(batch_size, max_new_tokens, allow_code_execution)
+    task_results = evaluate_tasks(lm, tokenizer, data, options)
+    results = {
+        "kind": "eval",
+        "label": label or default_label(model, adapter),
+        "method": stats["method"],
+        "seed": None,
+        "config": {
+            "model": model,
+            "adapter": adapter,
+            "merge": merge,
+            "tasks": names,
+            "data_dir": data_dir,
+            "limit": limit,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "allow_code_execution": allow_code_execution,
+            "output_dir": output_dir,
+        },  # fmt: skip
+        "versions": environment_info(),
+        "trainable_params": stats["trainable_params"],
+        "equivalent_rank": stats["equivalent_rank"],
+        "wall_time_s": round(time.perf_counter() - start, 2),
+        "summary": {f"{t}/{k}": float(v) for t, r in task_results.items() for k, v in r.summary.items()},
+        "tasks": {t: r.details for t, r in task_results.items()},
+    }
+    out = Path(output_dir)
+    for name, result in task_results.items():
+        _write_predictions(out / "predictions", name, result.predictions)
+    write_json_atomic(out / "results.json", results)
+    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    return results
+
+
+def add_parser(subparsers) -> None:
+    """Register ``melora eval``."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="InstructEval-style MMLU / BBH / HumanEval / DROP evaluation",
+        description=__doc__.splitlines()[0],
+    )
+    parser.add_argument("--model", required=True, help="hub name, folder, .gguf file or alias (smollm2)")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter folder (MELoRA or LoRA, e.g. exported)")
+    parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
+    parser.add_argument("--tasks", default="mmlu,bbh", help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--data-dir", default=None, help="folder with mmlu/ bbh/ humaneval/ (default: hub)")
+    parser.add_argument(
+        "--limit", type=int, default=None, help="first N per MMLU subject / BBH task / other task"
+    )
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="override generation lengths")
+    parser.add_argument(
+        "--allow-code-execution", action="store_true", help="needed for humaneval: runs generated code"
+    )
+    parser.add_argument("--label", default=None, help="run label (default: adapter folder name or 'base')")
+    parser.add_argument("--output-dir", required=True)
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    results = run_eval(
+        args.model, args.adapter, parse_tasks(args.tasks), args.data_dir, args.limit, args.batch_size,
+        args.output_dir, args.allow_code_execution, args.max_new_tokens, merge=args.merge, label=args.label,
+    )  # fmt: skip
+    print(render_markdown(results).split("\n## ")[0])
+    print(f"wrote {Path(args.output_dir) / 'results.json'}")
+    return 0

@@ -1,0 +1,102 @@
+"""``melora eval`` end to end on a tiny saved model: results.json contract, adapters, CLI, errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from melora.eval import runner
+from tests.test_eval_fixtures import save_tiny_lm, write_eval_data
+
+CONTRACT_KEYS = {"kind", "label", "method", "seed", "config", "versions", "trainable_params",
+                 "equivalent_rank", "wall_time_s", "summary"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    return save_tiny_lm(root / "tiny-llama"), write_eval_data(root / "data")
+
+
+def _lora_adapter(model_dir: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out)
+    return out
+
+
+def test_base_model_results_follow_the_contract(tiny_dirs, tmp_path):
+    model_dir, data_dir = tiny_dirs
+    results = runner.run_eval(str(model_dir), None, ["mmlu", "bbh"], str(data_dir), 1, 2, str(tmp_path))
+    assert CONTRACT_KEYS <= set(results)
+    assert (results["kind"], results["label"], results["method"]) == ("eval", "tiny-llama", "base")
+    assert set(results["summary"]) == {"mmlu/acc", "mmlu/acc_macro", "mmlu/n", "bbh/em", "bbh/instructeval_acc",
+                                       "bbh/n"}  # fmt: skip
+    assert (
+        results["summary"]["mmlu/n"] == 2 and results["summary"]["bbh/n"] == 2
+    )  # limit 1 per subject / task
+    assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| mmlu/acc |" in table and "| virology |" in table
+    assert len((tmp_path / "predictions" / "mmlu.jsonl").read_text().splitlines()) == 2
+
+
+def test_adapter_and_merged_adapter_score_the_same(tiny_dirs, tmp_path):
+    model_dir, data_dir = tiny_dirs
+    adapter = _lora_adapter(model_dir, tmp_path / "lora-r2")
+    args = (["mmlu"], str(data_dir), 2, 4)
+    plain = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "a"))
+    merged = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "b"), merge=True)
+    assert (plain["label"], plain["method"], plain["equivalent_rank"]) == ("lora-r2", "lora", 2)
+    assert merged["config"]["merge"] and merged["trainable_params"] == plain["trainable_params"]
+    assert plain["trainable_params"] == 2 * (
+        2 * (64 + 64) + 2 * (64 + 32)
+    )  # 2 layers x r=2 x (q 64->64, v 64->32)
+    first = [json.loads(x) for x in (tmp_path / "a" / "predictions" / "mmlu.jsonl").read_text().splitlines()]
+    second = [json.loads(x) for x in (tmp_path / "b" / "predictions" / "mmlu.jsonl").read_text().splitlines()]
+    first, second = (torch.tensor([p["logprobs"] for p in x]) for x in (first, second))
+    torch.testing.assert_close(first, second, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"tasks": ["mmlu", "glue"]}, ValueError, r"Unknown or empty --tasks \['glue'\]"),
+        ({"limit": 0}, ValueError, "limit must be a positive number"),
+        ({"merge": True}, ValueError, "--merge needs --adapter"),
+        ({"adapter": "nowhere"}, FileNotFoundError, "no adapter_config.json"),
+        ({"data_dir": "missing-dir"}, FileNotFoundError, "--data-dir missing-dir does not exist"),
+    ],
+)
+def test_bad_options_fail_with_a_clear_message(tiny_dirs, tmp_path, kwargs, error, message):
+    model_dir, data_dir = tiny_dirs
+    options = {"model": str(model_dir), "adapter": None, "tasks": ["mmlu"], "data_dir": str(data_dir),
+               "limit": 1, "batch_size": 1, "output_dir": str(tmp_path)} | kwargs  # fmt: skip
+    with pytest.raises(error, match=message):
+        runner.run_eval(**options)
+
+
+def test_data_dir_may_be_the_parent_of_eval(tmp_path):
+    write_eval_data(tmp_path / "eval")
+    assert runner.task_data_dir(tmp_path, "mmlu") == tmp_path / "eval" / "mmlu"
+    assert runner.task_data_dir(tmp_path, "drop") is None  # not there: read the hub
+    assert runner.task_data_dir(None, "mmlu") is None
+
+
+def test_cli_parses_into_run_eval(tiny_dirs, tmp_path, capsys):
+    model_dir, data_dir = tiny_dirs
+    parser = argparse.ArgumentParser()
+    runner.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--model", str(model_dir), "--tasks", "bbh", "--data-dir", str(data_dir),
+                              "--limit", "1", "--max-new-tokens", "3", "--output-dir", str(tmp_path)])  # fmt: skip
+    assert args.func(args) == 0
+    assert "| bbh/em |" in capsys.readouterr().out
+    config = json.loads((tmp_path / "results.json").read_text())["config"]
+    assert (config["tasks"], config["max_new_tokens"], config["batch_size"]) == (["bbh"], 3, 4)

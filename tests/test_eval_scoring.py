@@ -1,0 +1,83 @@
+"""Batched log-likelihood scoring and greedy generation on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from melora.eval.scoring import (
+    choice_logprobs,
+    continuation_logprobs,
+    fit_shots,
+    greedy_generate,
+    truncate_at_stop,
+)
+from tests.test_eval_fixtures import tiny_lm
+
+CONTEXTS = ["Question one?\nAnswer:", "Q2\nAnswer:", "A much longer third question here, really.\nAnswer:"]
+LETTERS = [" A", " B", " C", " D"]
+
+
+def test_single_token_fast_path_equals_full_scoring():
+    model, tokenizer = tiny_lm()
+    fast = choice_logprobs(model, tokenizer, CONTEXTS, LETTERS, batch_size=2)  # (3, 4)
+    pairs = [(c, x) for c in CONTEXTS for x in LETTERS]
+    full = torch.tensor(continuation_logprobs(model, tokenizer, pairs, batch_size=5)).view(3, 4)
+    assert fast.shape == (3, 4)
+    torch.testing.assert_close(fast, full, atol=1e-5, rtol=0)
+
+
+def test_scores_do_not_depend_on_batching_or_padding():
+    model, tokenizer = tiny_lm()
+    batched = choice_logprobs(model, tokenizer, CONTEXTS, LETTERS, batch_size=3)
+    alone = torch.cat([choice_logprobs(model, tokenizer, [c], LETTERS, batch_size=1) for c in CONTEXTS])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+
+
+def test_multi_token_continuation_is_a_sum_of_token_logprobs():
+    model, tokenizer = tiny_lm()
+    # "xy" is two byte tokens: log p(xy | c) = log p(x | c) + log p(y | c x)
+    (both,) = continuation_logprobs(model, tokenizer, [("ctx:", "xy")], batch_size=1)
+    (first,) = continuation_logprobs(model, tokenizer, [("ctx:", "x")], batch_size=1)
+    (second,) = continuation_logprobs(model, tokenizer, [("ctx:x", "y")], batch_size=1)
+    assert both == pytest.approx(first + second, abs=1e-5)
+    multi = choice_logprobs(model, tokenizer, ["ctx:"], ["xy", "x"], batch_size=1)
+    assert multi[0].tolist() == pytest.approx([both, first], abs=1e-5)
+
+
+def test_greedy_generation_is_deterministic_and_left_padding_safe():
+    model, tokenizer = tiny_lm()
+    batched = greedy_generate(model, tokenizer, CONTEXTS, max_new_tokens=6, batch_size=3)
+    alone = [greedy_generate(model, tokenizer, [c], max_new_tokens=6)[0] for c in CONTEXTS]
+    assert batched == alone
+    assert batched == greedy_generate(model, tokenizer, CONTEXTS, max_new_tokens=6, batch_size=2)
+
+
+def test_generation_is_cut_at_stop_strings():
+    model, tokenizer = tiny_lm()
+    full = greedy_generate(model, tokenizer, CONTEXTS[:1], max_new_tokens=8)[0]
+    stop = full[2]  # a character the model is known to produce
+    cut = greedy_generate(model, tokenizer, CONTEXTS[:1], max_new_tokens=8, stop=[stop])[0]
+    assert cut == full[: full.index(stop)]
+
+
+def test_truncate_at_stop_uses_earliest_match():
+    assert truncate_at_stop("abc\ndef\nclass X", ["\nclass", "\nd"]) == "abc"
+    assert truncate_at_stop("no stop", ["\n"]) == "no stop"
+
+
+def test_fit_shots_drops_shots_until_prompt_fits():
+    _, tokenizer = tiny_lm()
+
+    def build(k: int) -> str:
+        return "shot!" * k + "question"
+
+    assert fit_shots(build, 3, tokenizer, max_tokens=100) == (build(3), 3)
+    assert fit_shots(build, 3, tokenizer, max_tokens=len("question") + 10) == (build(2), 2)
+    assert fit_shots(build, 3, tokenizer, max_tokens=1) == ("question", 0)
+
+
+def test_bad_batch_size_is_rejected():
+    model, tokenizer = tiny_lm()
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        choice_logprobs(model, tokenizer, CONTEXTS, LETTERS, batch_size=0)
