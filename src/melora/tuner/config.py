@@ -7,7 +7,19 @@ from typing import Literal
 
 from peft.config import PeftConfig
 
-PEFT_TYPE = "MELORA"
+
+class PeftTypeName(str):
+    """The method's name as PEFT sees it: a plain string ("MELORA") that also answers ``.value`` like an enum.
+
+    PEFT keys its method tables by this string; transformers' ``load_adapter`` reads ``peft_type.value``.
+    """
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+PEFT_TYPE = PeftTypeName("MELORA")
 
 
 @dataclass

@@ -92,7 +92,9 @@ class MELoRAModel(BaseTuner):
         for key, tensor in state_dict.items():
             if ".melora_" not in key:
                 continue
-            target = params.get(key) or params.get(key.removeprefix("base_model.model."))
+            target = params.get(key)
+            if target is None:
+                target = params.get(key.removeprefix("base_model.model."))
             if target is not None and tuple(target.shape) != tuple(tensor.shape):
                 module = key.rsplit(".melora_", 1)[0].removeprefix("base_model.model.")
                 raise ValueError(

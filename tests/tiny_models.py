@@ -1,0 +1,82 @@
+"""Tiny models built in code (no download) for the test matrix."""
+
+from __future__ import annotations
+
+import torch
+
+
+class TinyMLP(torch.nn.Module):
+    """An MLP with two Linear layers to adapt and a head (modules_to_save)."""
+
+    def __init__(self, d_in: int = 32, hidden: int = 48, d_out: int = 4) -> None:
+        super().__init__()
+        self.lin0 = torch.nn.Linear(d_in, hidden)
+        self.act = torch.nn.ReLU()
+        self.lin1 = torch.nn.Linear(hidden, hidden)
+        self.head = torch.nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.lin1(self.act(self.lin0(x)))))
+
+
+def tiny_bert(num_labels: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        vocab_size=120,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=120, n_positions=64)
+    return GPT2LMHeadModel(cfg)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=120,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+# name -> (factory, target_modules, example input builder, task_type, modules_to_save)
+TINY_MODELS = {
+    "mlp": (TinyMLP, ["lin0", "lin1"], lambda: {"x": torch.randn(3, 32)}, None, ["head"]),
+    "bert": (
+        tiny_bert,
+        ["query", "value"],
+        lambda: {"input_ids": torch.randint(1, 120, (2, 9))},
+        "SEQ_CLS",
+        None,
+    ),
+    "gpt2": (tiny_gpt2, ["c_attn"], lambda: {"input_ids": torch.randint(0, 120, (2, 9))}, "CAUSAL_LM", None),
+    "llama": (
+        tiny_llama,
+        ["q_proj", "v_proj"],
+        lambda: {"input_ids": torch.randint(0, 120, (2, 9))},
+        "CAUSAL_LM",
+        None,
+    ),
+}
+
+
+def model_output(model, inputs) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
