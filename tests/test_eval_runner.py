@@ -65,6 +65,12 @@ def test_adapter_and_merged_adapter_score_the_same(tiny_dirs, tmp_path):
     torch.testing.assert_close(first, second, atol=1e-4, rtol=0)
 
 
+def test_humaneval_needs_explicit_permission(tiny_dirs, tmp_path):
+    model_dir, data_dir = tiny_dirs
+    with pytest.raises(PermissionError, match="pass --allow-code-execution"):
+        runner.run_eval(str(model_dir), None, ["humaneval"], str(data_dir), 1, 1, str(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [

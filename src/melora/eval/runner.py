@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from melora.eval import bbh, mmlu
+from melora.eval import bbh, drop, humaneval, mmlu
 from melora.eval.scoring import TaskResult
 from melora.finetune.common import environment_info, write_json_atomic
 
@@ -28,18 +28,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How to load one task's data (local folder name, or the hub when None) and how to evaluate it."""
+    """How to load one task's data (from ``<data-dir>/<task>/``, or the hub when None) and evaluate it."""
 
-    folder: str
     load: Callable[[Path | None, int | None], Any]
     evaluate: Callable[..., TaskResult]
 
 
 TASKS: dict[str, TaskSpec] = {
-    "mmlu": TaskSpec("mmlu", mmlu.load, lambda m, t, d, o: mmlu.evaluate(m, t, d, o.batch_size)),
-    "bbh": TaskSpec(
-        "bbh", bbh.load, lambda m, t, d, o: bbh.evaluate(m, t, d, o.batch_size, o.max_new_tokens)
+    "mmlu": TaskSpec(mmlu.load, lambda m, t, d, o: mmlu.evaluate(m, t, d, o.batch_size)),
+    "bbh": TaskSpec(bbh.load, lambda m, t, d, o: bbh.evaluate(m, t, d, o.batch_size, o.max_new_tokens)),
+    "humaneval": TaskSpec(
+        humaneval.load,
+        lambda m, t, d, o: humaneval.evaluate(
+            m, t, d, o.batch_size, o.max_new_tokens, o.allow_code_execution
+        ),
     ),
+    "drop": TaskSpec(drop.load, lambda m, t, d, o: drop.evaluate(m, t, d, o.batch_size, o.max_new_tokens)),
 }
 
 
@@ -183,11 +187,8 @@ def run_eval(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of questions, got {limit}.")
     if "humaneval" in names and not allow_code_execution:
-        raise PermissionError(
-            "HumanEval executes model-written code: pass --allow-code-execution (allow_code_execution=True) "
-            "to run it in a sandboxed subprocess, or drop humaneval from --tasks."
-        )
-    data = {name: TASKS[name].load(task_data_dir(data_dir, TASKS[name].folder), limit) for name in names}
+        raise PermissionError(humaneval.NO_PERMISSION)
+    data = {name: TASKS[name].load(task_data_dir(data_dir, name), limit) for name in names}
     lm, tokenizer, stats = load_model(model, adapter, merge)
     options = EvalOptions(batch_size, max_new_tokens, allow_code_execution)
     task_results = evaluate_tasks(lm, tokenizer, data, options)
