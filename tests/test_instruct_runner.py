@@ -1,0 +1,180 @@
+"""``melora instruct``: options, presets, a tiny end-to-end run, and one real SmolLM2 run (slow)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from melora.finetune.instruct import InstructOptions, add_parser, main, options_from_args
+from tests.test_instruct_data import build_tiny_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data"
+RECORDS = [
+    {
+        "instruction": "Give three tips for staying healthy.",
+        "input": "",
+        "output": "Eat well, sleep, exercise.",
+    },
+    {"instruction": "Summarise the text.", "input": "Cats sleep a lot.", "output": "Cats nap."},
+    {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+] * 3
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    subparsers = argparse.ArgumentParser().add_subparsers(dest="command")
+    add_parser(subparsers)
+    return subparsers.choices["instruct"].parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64, GQA: v_proj 64 -> 32) with a 300-token BPE tokenizer, saved to disk."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "alpaca.json"
+    path.write_text(json.dumps(RECORDS))
+    return path
+
+
+def test_options_collect_every_problem():
+    with pytest.raises(
+        ValueError, match=r"(?s)data=\[\].*method='dora': expected one of melora, lora, full.*lr=0"
+    ):
+        InstructOptions(data=[], output_dir="out", method="dora", lr=0)
+
+
+def test_unknown_yaml_key_is_an_error(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("learning-rate: 0.1\n")
+    args = parse(["--config", str(preset), "--data", "x.json", "--output-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="Unknown instruct option.*learning_rate"):
+        options_from_args(args)
+
+
+@pytest.mark.parametrize(
+    "preset", sorted((REPO / "configs" / "instruct").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_presets_resolve_and_flags_override(preset):
+    args = parse(["--config", str(preset), "--data", "d", "--output-dir", "o", "--lr", "0.01", "--no-bf16"])
+    options = options_from_args(args)
+    assert options.lr == 0.01 and options.bf16 is False
+    assert options.target_modules == ["q_proj", "v_proj"]
+    assert (options.alpha, options.dropout, options.cutoff_len) == (16, 0.05, 256)
+
+
+def test_authors_preset_matches_the_paper_recipe():
+    options = options_from_args(
+        parse(
+            [
+                "--config",
+                str(REPO / "configs/instruct/alpaca_llama2_7b.yaml"),
+                "--data",
+                "d",
+                "--output-dir",
+                "o",
+            ]
+        )
+    )
+    assert (options.lr, options.epochs, options.warmup_steps, options.train_on_inputs) == (3e-4, 3, 100, True)
+    assert options.effective_batch_size * 8 == 128  # 8 GPUs
+    assert (options.method, options.r, options.n) == ("melora", 1, 8)
+
+
+@pytest.mark.parametrize(
+    ("flags", "label", "rank"),
+    [
+        (["--method", "melora", "--r", "1", "--n", "8"], "melora r=1 n=8", 8),
+        (["--method", "lora", "--r", "4"], "lora r=4", 4),
+    ],
+)
+def test_tiny_end_to_end_run(tmp_path, tiny_model_dir, alpaca_file, flags, label, rank):
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "run"
+    argv = ["--data", str(alpaca_file), "--model", str(tiny_model_dir), "--output-dir", str(out),
+            "--val-size", "4", "--max-samples", "8", "--batch-size", "4", "--max-steps", "3",
+            "--lr", "1e-2", "--no-progress", "--group-by-length", *flags]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "instruct" and results["label"] == label
+    assert results["equivalent_rank"] == rank
+    assert 0 < results["trainable_params"] < 20_000
+    assert len(results["loss_curve"]) == 3 and results["global_steps"] == 3
+    for key in ("instruct/heldout_loss", "instruct/heldout_loss_base", "instruct/train_loss"):
+        assert isinstance(results["summary"][key], float)
+    assert results["config"]["data"] == [str(alpaca_file)]
+    assert results["versions"]["torch"] == torch.__version__
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "adapter")
+    assert reloaded.peft_config["default"].r == (1 if flags[1] == "melora" else 4)
+
+
+def test_tiny_full_finetune_with_packing_and_chat_template(tmp_path, tiny_model_dir, alpaca_file):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    model_dir = tmp_path / "model-with-chat"
+    tokenizer.save_pretrained(model_dir)
+    for file in tiny_model_dir.iterdir():
+        if not (model_dir / file.name).exists():
+            (model_dir / file.name).symlink_to(file)
+    out = tmp_path / "full"
+    main(["--data", str(alpaca_file), "--model", str(model_dir), "--output-dir", str(out), "--method", "full",
+          "--template", "chat", "--packing", "--train-on-inputs", "--val-size", "0", "--max-steps", "2",
+          "--no-progress"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["equivalent_rank"] is None and results["trainable_params"] > 50_000
+    assert results["num_train_sequences"] < results["num_train_examples"]  # packing merged examples
+    assert "instruct/heldout_loss" not in results["summary"]
+    assert (out / "model" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_smollm2_melora_learns_and_reloads(tmp_path):
+    """SmolLM2-135M + MELoRA r=1 n=8 on 16 real Alpaca examples: held-out loss drops, adapter reloads."""
+    pytest.importorskip("gguf")
+    folder = DATA_DIR / "instruct" / "alpaca"
+    if not folder.is_dir():
+        pytest.skip(f"real Alpaca data not found at {folder}")
+    from peft import PeftModel
+
+    from melora.models import load_causal_lm
+
+    out = tmp_path / "smollm2"
+    main(["--data", str(folder / "alpaca_data-00000-03252.json"), "--model", "smollm2", "--output-dir", str(out),
+          "--max-samples", "16", "--val-size", "8", "--batch-size", "4", "--max-steps", "4", "--lr", "2e-3",
+          "--cutoff-len", "128", "--no-progress"])  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert results["summary"]["instruct/heldout_loss"] < results["summary"]["instruct/heldout_loss_base"]
+    assert results["equivalent_rank"] == 8
+    base, _ = load_causal_lm("smollm2")
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    assert type(reloaded.peft_config["default"]).__name__ == "MELoRAConfig"
