@@ -22,14 +22,18 @@ def tiny_dirs(tmp_path_factory) -> tuple[Path, Path]:
     return save_tiny_lm(root / "tiny-llama"), write_eval_data(root / "data")
 
 
-def _lora_adapter(model_dir: Path, out: Path) -> Path:
-    from peft import LoraConfig, get_peft_model
+def _save_adapter(model_dir: Path, config, out: Path) -> Path:
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(out)
+    torch.manual_seed(1)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(out)
     return out
+
+
+def _logprobs(output_dir: Path) -> torch.Tensor:
+    lines = (output_dir / "predictions" / "mmlu.jsonl").read_text().splitlines()
+    return torch.tensor([json.loads(line)["logprobs"] for line in lines])
 
 
 def test_base_model_results_follow_the_contract(tiny_dirs, tmp_path):
@@ -50,7 +54,10 @@ def test_base_model_results_follow_the_contract(tiny_dirs, tmp_path):
 
 def test_adapter_and_merged_adapter_score_the_same(tiny_dirs, tmp_path):
     model_dir, data_dir = tiny_dirs
-    adapter = _lora_adapter(model_dir, tmp_path / "lora-r2")
+    from peft import LoraConfig
+
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = _save_adapter(model_dir, config, tmp_path / "lora-r2")
     args = (["mmlu"], str(data_dir), 2, 4)
     plain = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "a"))
     merged = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "b"), merge=True)
@@ -59,10 +66,28 @@ def test_adapter_and_merged_adapter_score_the_same(tiny_dirs, tmp_path):
     assert plain["trainable_params"] == 2 * (
         2 * (64 + 64) + 2 * (64 + 32)
     )  # 2 layers x r=2 x (q 64->64, v 64->32)
-    first = [json.loads(x) for x in (tmp_path / "a" / "predictions" / "mmlu.jsonl").read_text().splitlines()]
-    second = [json.loads(x) for x in (tmp_path / "b" / "predictions" / "mmlu.jsonl").read_text().splitlines()]
-    first, second = (torch.tensor([p["logprobs"] for p in x]) for x in (first, second))
-    torch.testing.assert_close(first, second, atol=1e-4, rtol=0)
+    torch.testing.assert_close(_logprobs(tmp_path / "a"), _logprobs(tmp_path / "b"), atol=1e-4, rtol=0)
+
+
+def test_melora_adapter_and_its_exported_lora_score_the_same(tiny_dirs, tmp_path):
+    from melora import MELoRAConfig, export_lora
+
+    model_dir, data_dir = tiny_dirs
+    config = MELoRAConfig(r=1, n=4, alpha=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    adapter = _save_adapter(model_dir, config, tmp_path / "melora-r1-n4")
+    exported = export_lora(adapter, tmp_path / "exported")
+    args = (["mmlu"], str(data_dir), 2, 4)
+    base = runner.run_eval(str(model_dir), None, *args, str(tmp_path / "base"))
+    mel = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "melora"))
+    lora = runner.run_eval(str(model_dir), str(exported), *args, str(tmp_path / "lora"))
+    assert (mel["label"], mel["method"], mel["equivalent_rank"]) == ("melora-r1-n4", "melora", 4)
+    assert (lora["method"], lora["equivalent_rank"]) == ("lora", 4)
+    assert mel["trainable_params"] == 2 * (64 + 64 + 64 + 32)  # per layer r*(d_in + d_out) for q and v
+    torch.testing.assert_close(
+        _logprobs(tmp_path / "melora"), _logprobs(tmp_path / "lora"), atol=1e-4, rtol=0
+    )
+    assert not torch.allclose(_logprobs(tmp_path / "melora"), _logprobs(tmp_path / "base"), atol=1e-4)
+    assert base["trainable_params"] == 0 and base["equivalent_rank"] is None
 
 
 def test_humaneval_needs_explicit_permission(tiny_dirs, tmp_path):

@@ -84,16 +84,18 @@ def task_data_dir(data_dir: str | Path | None, folder: str) -> Path | None:
 
 
 def _adapter_stats(model: torch.nn.Module) -> dict[str, Any]:
-    """Method name, adapter parameter count and equivalent rank of a loaded PeftModel."""
+    """Method name, adapter parameter count and equivalent rank (max n*r) of a loaded PeftModel."""
+    from melora import adapter_summary
+
     name = model.active_adapter
     config = model.peft_config[name]
     params = sum(p.numel() for n, p in model.named_parameters() if name in n.split("."))
-    rank = int(config.r) * int(getattr(config, "n", 1) or 1)
-    rank_pattern = getattr(config, "rank_pattern", None) or {}
-    if rank_pattern:
-        rank = max([rank, *(int(r) * int(getattr(config, "n", 1) or 1) for r in rank_pattern.values())])
     method = str(getattr(config.peft_type, "value", config.peft_type)).lower()
-    return {"method": method, "trainable_params": params, "equivalent_rank": rank}
+    return {
+        "method": method,
+        "trainable_params": params,
+        "equivalent_rank": adapter_summary(model)["equivalent_rank"],
+    }
 
 
 def load_model(model: str, adapter: str | None = None, merge: bool = False):
