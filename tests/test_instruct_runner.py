@@ -178,3 +178,28 @@ def test_smollm2_melora_learns_and_reloads(tmp_path):
     base, _ = load_causal_lm("smollm2")
     reloaded = PeftModel.from_pretrained(base, out / "adapter")
     assert type(reloaded.peft_config["default"]).__name__ == "MELoRAConfig"
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_accelerate_configs_parse_and_match_the_preset(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "bf16" and config.num_processes == 8
+    preset = options_from_args(
+        parse(
+            [
+                "--config",
+                str(REPO / "configs/instruct/alpaca_llama2_7b.yaml"),
+                "--data",
+                "d",
+                "--output-dir",
+                "o",
+            ]
+        )
+    )
+    if config.deepspeed_config:
+        assert config.deepspeed_config["gradient_accumulation_steps"] == preset.grad_accum
+    assert preset.effective_batch_size * config.num_processes == 128

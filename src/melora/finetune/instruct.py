@@ -257,7 +257,8 @@ def run_instruct(options: InstructOptions) -> dict[str, Any]:
     heldout = trainer.evaluate()["eval_loss"] if val_features else None
     save_dir = output_dir / ("model" if options.method == "full" else "adapter")
     trainer.save_model(str(save_dir))
-    tokenizer.save_pretrained(str(save_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(save_dir))
 
     curve = _loss_curve(trainer.state.log_history)
     summary = {"instruct/train_loss": float(train_output.training_loss)}
