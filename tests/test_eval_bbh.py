@@ -63,8 +63,8 @@ def test_per_task_average_by_hand(tmp_path, monkeypatch):
     replies = {"a": " True", "b": " Falsehood", "c": " (A)"}
     seen = {}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size):
-        seen.update(max_new_tokens=max_new_tokens, stop=stop)
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, groups):
+        seen.update(max_new_tokens=max_new_tokens, stop=stop, groups=groups)
         return [next(r for q, r in replies.items() if p.endswith(f"\n\n{q}\nAnswer:")) for p in prompts]
 
     monkeypatch.setattr(bbh, "greedy_generate", fake_generate)
@@ -76,7 +76,7 @@ def test_per_task_average_by_hand(tmp_path, monkeypatch):
         (1.0 + 1.0) / 2
     )  # "Falsehood" starts with "False"
     assert result.summary["n"] == 5
-    assert seen == {"max_new_tokens": 32, "stop": ("\n",)}
+    assert seen == {"max_new_tokens": 32, "stop": ("\n",), "groups": ["t1", "t1", "t2", "t2", "t2"]}
 
 
 def test_evaluate_runs_generation_on_a_tiny_model(tmp_path):

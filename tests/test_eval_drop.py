@@ -77,7 +77,7 @@ def test_evaluate_averages_em_and_f1(monkeypatch):
     split = drop.Split(QUESTIONS[:3], [_q("X", "q?", "John Smith"), _q("Y", "n?", "2")])
     replies = {"q?": " John Smith scored\nnext", "n?": " 2.0"}
 
-    def fake_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size):
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, groups):
         assert (max_new_tokens, stop) == (16, ("\n",))
         assert all(p.startswith("P") and "\nAnswer: ans" in p for p in prompts)  # the shots come first
         return [replies[p.rsplit(" ", 1)[-1].removesuffix("\nAnswer:")].split("\n")[0] for p in prompts]

@@ -81,3 +81,36 @@ def test_bad_batch_size_is_rejected():
     model, tokenizer = tiny_lm()
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         choice_logprobs(model, tokenizer, CONTEXTS, LETTERS, batch_size=0)
+
+
+SHOTS = "Shared few-shot header with several examples.\nAnswer: A\n\n"
+GROUPED = [SHOTS + "First question?\nAnswer:", SHOTS + "Second, longer question here?\nAnswer:",
+           "Unrelated prompt\nAnswer:", SHOTS + "Third?\nAnswer:"]  # fmt: skip
+KEYS = ["shots", "shots", "alone", "shots"]
+
+
+def test_shared_prefix_cache_gives_the_same_scores():
+    model, tokenizer = tiny_lm()
+    plain = choice_logprobs(model, tokenizer, GROUPED, LETTERS, batch_size=2)
+    cached = choice_logprobs(model, tokenizer, GROUPED, LETTERS, batch_size=2, groups=KEYS)
+    torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+    multi = choice_logprobs(model, tokenizer, GROUPED, ["xy", " A"], batch_size=3, groups=KEYS)
+    pairs = [(c, x) for c in GROUPED for x in ["xy", " A"]]
+    expected = torch.tensor(continuation_logprobs(model, tokenizer, pairs, batch_size=1)).view(4, 2)
+    torch.testing.assert_close(multi, expected, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_cache_gives_the_same_generations():
+    model, tokenizer = tiny_lm()
+    plain = greedy_generate(model, tokenizer, GROUPED, max_new_tokens=5, batch_size=2)
+    cached = greedy_generate(model, tokenizer, GROUPED, max_new_tokens=5, batch_size=2, groups=KEYS)
+    assert cached == plain
+
+
+def test_plan_shares_the_longest_common_prefix_within_groups():
+    from melora.eval.scoring import _plan
+
+    rows = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [9, 9], [1, 2, 7]]
+    assert _plan(rows, ["g", "g", "h", "g"], reserve=[1, 1, 1, 1]) == [(2, [0, 1, 3]), (0, [2])]
+    assert _plan(rows, ["g", "g", "h", "g"], reserve=[3, 1, 1, 1]) == [(1, [0, 1, 3]), (0, [2])]
+    assert _plan(rows, None, reserve=[1, 1, 1, 1]) == [(0, [0, 1, 2, 3])]

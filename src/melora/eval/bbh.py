@@ -134,7 +134,8 @@ def evaluate(
             prompts.append(prompt)
             owners.append((task.name, q))
     logger.info("BBH: generating for %d questions from %d tasks", len(prompts), len(tasks))
-    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, batch_size)
+    groups = [name for name, _ in owners]  # a task's questions share its shots (KV cache)
+    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, batch_size, groups=groups)
     em: dict[str, list[bool]] = {t.name: [] for t in tasks}
     loose: dict[str, list[bool]] = {t.name: [] for t in tasks}
     predictions = []

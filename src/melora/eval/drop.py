@@ -217,7 +217,8 @@ def evaluate(
         for q in split.questions
     ]
     logger.info("DROP: generating for %d questions", len(prompts))
-    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, batch_size)
+    groups = ["shots"] * len(prompts)  # every question follows the same 3 shots (KV cache)
+    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, batch_size, groups=groups)
     em, f1, prefix, predictions = [], [], [], []
     for q, completion in zip(split.questions, completions):
         exact, f1_score = best_metrics(completion.strip(), [q.answer])

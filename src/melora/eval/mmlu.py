@@ -146,7 +146,9 @@ def evaluate(model: torch.nn.Module, tokenizer, subjects: Sequence[Subject], bat
             prompts.append(prompt)
             owners.append((subject.name, q))
     logger.info("MMLU: scoring %d questions from %d subjects", len(prompts), len(subjects))
-    scores = choice_logprobs(model, tokenizer, prompts, [f" {x}" for x in LETTERS], batch_size, max_tokens)
+    letters = [f" {x}" for x in LETTERS]
+    groups = [name for name, _ in owners]  # a subject's questions share its header and shots (KV cache)
+    scores = choice_logprobs(model, tokenizer, prompts, letters, batch_size, max_tokens, groups)
     correct: dict[str, list[bool]] = {s.name: [] for s in subjects}
     predictions = []
     for (name, q), row in zip(owners, scores):

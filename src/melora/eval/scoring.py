@@ -1,20 +1,22 @@
 """Batched, deterministic scoring and greedy generation shared by the evaluation tasks.
 
-Log-likelihood scoring pads on the right (positions stay 0..T-1, padding sits after the
-tokens that matter); generation pads on the left so every row's next token comes from the
-last column. Both sort requests by length so a batch wastes little padding, and give the
-answers back in request order.
+Every forward pass pads on the left, so the tokens that matter sit in the last columns and only
+those columns go through the LM head (``logits_to_keep``); position ids count real tokens only.
+Requests that share a few-shot prefix (same ``groups`` key) run that prefix once and continue it
+from the KV cache. Requests are sorted by length so a batch wastes little padding, and answers
+come back in request order. Generation is a plain argmax loop over the KV cache.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 logger = logging.getLogger(__name__)
 
@@ -50,22 +52,21 @@ def fit_shots(build: Callable[[int], str], shots: int, tokenizer, max_tokens: in
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, longest first (OOM shows up at once)."""
+    """Positions 0..N-1 grouped into batches of similar length, longest first (OOM shows up at once)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into ``(ids, mask)``, both ``(B, T)``, padding left or right."""
+def _pad_left(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into ``(ids, mask)``, both ``(B, W)``, padded on the left."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if left else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids, mask
 
 
@@ -76,8 +77,94 @@ def _pad_id(tokenizer) -> int:
     return int(pad)
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    first, n = rows[0], min(len(r) for r in rows)
+    for j in range(n):
+        if any(r[j] != first[j] for r in rows):
+            return j
+    return n
+
+
+def _plan(
+    rows: Sequence[Sequence[int]], groups: Sequence[Hashable] | None, reserve: Sequence[int]
+) -> list[tuple[int, list[int]]]:
+    """Split requests into ``(shared prefix length, members)`` units.
+
+    Members of a group share their longest common token prefix, except the last ``reserve[i]``
+    tokens of each row, whose logits are needed. Requests without a group, or alone in theirs,
+    form one unit with no shared prefix (and batch together).
+    """
+    by_group: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(groups if groups is not None else range(len(rows))):
+        by_group.setdefault(key, []).append(i)
+    units, loose = [], []
+    for members in by_group.values():
+        if len(members) == 1:
+            loose += members
+            continue
+        shared = min(
+            [_common_prefix_length([rows[i] for i in members]), *(len(rows[i]) - reserve[i] for i in members)]
+        )
+        units.append((max(shared, 0), members))
+    if loose:
+        units.append((0, loose))
+    return units
+
+
+class _Runner:
+    """Forward passes over left-padded rows that may continue a cached, shared prefix.
+
+    Layout of one batch: ``[prefix (P, cached)] [pad ...] [row tokens]``; the attention mask hides
+    the pads and position ids count real tokens only, so each row sees exactly its own tokens.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int):
+        self.model = model
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # transformers renamed ``past_key_values`` to ``cache`` during 5.x
+        self.cache_name = (
+            "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        )
+
+    def __call__(self, cache, **kwargs):
+        """One forward pass continuing ``cache``; returns ``(logits, cache)``."""
+        out = self.model(**kwargs, **{self.cache_name: cache})
+        return out.logits, getattr(out, self.cache_name, None)
+
+    def prefix_cache(self, prefix: Sequence[int]):
+        if not prefix:
+            return None
+        ids = torch.tensor([list(prefix)], device=self.device)  # (1, P)
+        return self(None, input_ids=ids, use_cache=True, logits_to_keep=1)[1]
+
+    def forward(self, cache, prefix_len: int, rows: list[list[int]], keep: int, use_cache: bool):
+        """Logits ``(B, keep, V)`` of the last ``keep`` columns, the full mask ``(B, P + W)``, the cache."""
+        ids, mask = _pad_left(rows, self.pad_id)  # (B, W)
+        full_mask = torch.cat(
+            [torch.ones((len(rows), prefix_len), dtype=torch.long), mask], dim=1
+        )  # (B, P + W)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)[:, prefix_len:]  # (B, W)
+        if cache is not None:
+            cache = copy.deepcopy(cache)
+            cache.batch_repeat_interleave(len(rows))
+        logits, cache = self(
+            cache,
+            input_ids=ids.to(self.device),
+            attention_mask=full_mask.to(self.device),
+            position_ids=positions.to(self.device),
+            use_cache=use_cache,
+            logits_to_keep=keep,
+        )
+        return logits, full_mask, cache
+
+    def units(self, rows, groups, reserve, batch_size):
+        """Yield ``(cache, P, batch of row indices)`` over every request, sharing prefixes per group."""
+        for prefix_len, members in _plan(rows, groups, reserve):
+            cache = self.prefix_cache(rows[members[0]][:prefix_len])
+            for batch in _length_batches([len(rows[i]) for i in members], batch_size):
+                yield cache, prefix_len, [members[b] for b in batch]
 
 
 @torch.inference_mode()
@@ -87,12 +174,14 @@ def continuation_logprobs(
     requests: Sequence[tuple[str, str]],
     batch_size: int,
     max_tokens: int | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> list[float]:
     """Sum of log p(continuation | context) for each ``(context, continuation)`` pair.
 
     Context and continuation are tokenized apart (the continuation without special tokens)
     and joined, as lm-evaluation-harness does; the context is cut from the left if the pair
-    exceeds ``max_tokens``.
+    exceeds ``max_tokens``. Requests with the same ``groups`` key compute their common token
+    prefix once (KV cache); the numbers are the same as without groups.
     """
     max_tokens = max_tokens or model_max_length(model)
     rows, n_cont = [], []
@@ -104,16 +193,17 @@ def continuation_logprobs(
         rows.append((ctx + cont)[-max_tokens:])
         n_cont.append(len(cont))
     out = [0.0] * len(rows)
-    device = _device(model)
-    for batch in _length_batches([len(r) for r in rows], batch_size):
-        ids, mask = _pad([rows[i] for i in batch], _pad_id(tokenizer), left=False)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
+    runner = _Runner(model, _pad_id(tokenizer))
+    for cache, prefix_len, batch in runner.units(rows, groups, [k + 1 for k in n_cont], batch_size):
+        suffixes = [rows[i][prefix_len:] for i in batch]
+        keep = max(n_cont[i] for i in batch) + 1
+        logits, _, _ = runner.forward(cache, prefix_len, suffixes, keep, use_cache=False)  # (B, keep, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for b, i in enumerate(batch):
-            end, k = len(rows[i]), n_cont[i]
-            targets = ids[b, end - k : end].to(device)  # (k,)
-            # logits at position t predict token t + 1
-            picked = logprobs[b, end - k - 1 : end - 1].gather(-1, targets[:, None])  # (k, 1)
+            k = n_cont[i]
+            targets = torch.tensor(rows[i][-k:], device=logprobs.device)  # (k,)
+            # column t predicts the token in column t + 1: the last k + 1 columns score the last k tokens
+            picked = logprobs[b, keep - k - 1 : keep - 1].gather(-1, targets[:, None])  # (k, 1)
             out[i] = float(picked.sum())
     return out
 
@@ -126,31 +216,33 @@ def choice_logprobs(
     choices: Sequence[str],
     batch_size: int,
     max_tokens: int | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> torch.Tensor:
     """Log-probabilities ``(N, K)`` of each of the K ``choices`` continuing each of the N ``contexts``.
 
     When every choice is a single token (" A", " B", ... for most tokenizers) one forward pass
     per context suffices: the choices are read off the last position's distribution. Otherwise
     each (context, choice) pair is scored with :func:`continuation_logprobs`; both give the same
-    numbers for single-token choices.
+    numbers for single-token choices. ``groups`` as in :func:`continuation_logprobs`.
     """
     choice_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in choices]
     if any(len(ids) != 1 for ids in choice_ids):
         pairs = [(ctx, c) for ctx in contexts for c in choices]
-        flat = continuation_logprobs(model, tokenizer, pairs, batch_size, max_tokens)
+        # the K pairs of one context share it; with groups, a whole group shares its common prefix
+        pair_groups = [g for g in (groups if groups is not None else range(len(contexts))) for _ in choices]
+        flat = continuation_logprobs(model, tokenizer, pairs, batch_size, max_tokens, pair_groups)
         return torch.tensor(flat, dtype=torch.float32).view(len(contexts), len(choices))
     max_tokens = max_tokens or model_max_length(model)
     targets = torch.tensor([ids[0] for ids in choice_ids])  # (K,)
     rows = [tokenizer(ctx).input_ids[-max_tokens:] for ctx in contexts]
     out = torch.empty((len(rows), len(choices)), dtype=torch.float32)
-    device = _device(model)
-    for batch in _length_batches([len(r) for r in rows], batch_size):
-        ids, mask = _pad([rows[i] for i in batch], _pad_id(tokenizer), left=False)
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-        last = torch.tensor([len(rows[i]) - 1 for i in batch], device=device)  # (B,)
-        final = logits[torch.arange(len(batch), device=device), last].float()  # (B, V)
-        picked = torch.log_softmax(final, dim=-1)[:, targets.to(device)]  # (B, K)
-        out[batch] = picked.cpu()
+    runner = _Runner(model, _pad_id(tokenizer))
+    for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
+        logits, _, _ = runner.forward(
+            cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, use_cache=False
+        )
+        final = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
+        out[batch] = final[:, targets.to(final.device)].cpu()  # (B, K)
     return out
 
 
@@ -164,19 +256,11 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-class StopOnStrings(StoppingCriteria):
-    """Marks a row done once its generated text (after ``prompt_width`` columns) holds a stop string."""
-
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
-        self.tokenizer = tokenizer
-        self.stop = list(stop)
-        self.prompt_width = prompt_width
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_width :]  # (B, generated so far)
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        done = [any(s in t for s in self.stop) for t in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+def _eos_ids(model: torch.nn.Module, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(config_eos) if isinstance(config_eos, (list, tuple)) else {config_eos}
+    return {int(i) for i in ids if i is not None}
 
 
 @torch.inference_mode()
@@ -188,34 +272,48 @@ def greedy_generate(
     stop: Sequence[str] = (),
     batch_size: int = 1,
     max_tokens: int | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> list[str]:
-    """Greedy completions of ``prompts`` (text after the prompt, cut at the first stop string).
+    """Greedy (argmax) completions of ``prompts``: the text after the prompt, cut at the first stop string.
 
-    Prompts are left-padded and cut from the left to ``max_tokens - max_new_tokens`` tokens.
-    A row stops at eos or at a stop string; the batch stops when every row has.
+    Prompts are left-padded and cut from the left to ``max_tokens - max_new_tokens`` tokens. A row
+    stops at an eos token or a stop string; a batch stops when all its rows have. ``groups`` share
+    their common prompt prefix through the KV cache, as in :func:`continuation_logprobs`.
     """
     max_tokens = max_tokens or model_max_length(model)
     budget = max(1, max_tokens - max_new_tokens)
     rows = [tokenizer(p).input_ids[-budget:] for p in prompts]
-    pad_id = _pad_id(tokenizer)
+    eos = torch.tensor(sorted(_eos_ids(model, tokenizer)))
+    runner = _Runner(model, _pad_id(tokenizer))
     out = [""] * len(rows)
-    device = _device(model)
-    for batch in _length_batches([len(r) for r in rows], batch_size):
-        ids, mask = _pad([rows[i] for i in batch], pad_id, left=True)
-        criteria = StoppingCriteriaList([StopOnStrings(tokenizer, stop, ids.shape[1])]) if stop else None
-        generated = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=pad_id,
-            stopping_criteria=criteria,
-        )  # (B, T + new)
-        texts = tokenizer.batch_decode(generated[:, ids.shape[1] :], skip_special_tokens=True)
+    for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
+        logits, mask, cache_b = runner.forward(
+            cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, True
+        )
+        positions = mask.sum(-1) - 1  # (B,) position of each row's last token
+        new = torch.empty((len(batch), 0), dtype=torch.long)
+        done = torch.zeros(len(batch), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            token = logits[:, -1].argmax(-1).cpu()  # (B,)
+            token = torch.where(done, runner.pad_id, token)
+            new = torch.cat([new, token[:, None]], dim=1)  # (B, t)
+            done |= torch.isin(token, eos)
+            if stop:
+                texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+                done |= torch.tensor([any(s in t for s in stop) for t in texts])
+            if bool(done.all()) or new.shape[1] == max_new_tokens:
+                break
+            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)  # (B, T + 1)
+            positions = positions + 1
+            logits, cache_b = runner(
+                cache_b,
+                input_ids=token[:, None].to(runner.device),
+                attention_mask=mask.to(runner.device),
+                position_ids=positions[:, None].to(runner.device),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(batch, texts):
             out[i] = truncate_at_stop(text, stop)
     return out
