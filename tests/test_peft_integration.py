@@ -361,3 +361,28 @@ def test_export_rejects_non_melora_adapter(tmp_path):
     save_adapter(lora, tmp_path / "lora")
     with pytest.raises(ValueError, match=r"peft_type 'LORA'; export_lora needs a MELoRA adapter"):
         export_lora(tmp_path / "lora", tmp_path / "out")
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama"])
+def test_low_cpu_mem_usage_loading_and_a_second_loaded_adapter(name, tmp_path):
+    base, model, inputs = _peft(name)
+    save_adapter(model, tmp_path / "a")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", low_cpu_mem_usage=True).eval()
+    torch.testing.assert_close(model_output(loaded, inputs), model_output(model, inputs))
+    loaded.load_adapter(tmp_path / "a", adapter_name="second", low_cpu_mem_usage=True)
+    loaded.set_adapter("second")
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    torch.testing.assert_close(model_output(loaded, inputs), model_output(model, inputs))
+
+
+def test_merge_named_adapters_equals_both_active():
+    _, model, inputs = _peft("mlp")
+    model.add_adapter("other", MELoRAConfig(r=1, n=8, target_modules=["lin0", "lin1"], init_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    both = model_output(model, inputs)
+    model.merge_adapter(adapter_names=["default", "other"])
+    lin1 = model.base_model.model.lin1
+    assert lin1.merged_adapters == ["default", "other"]
+    torch.testing.assert_close(model_output(model, inputs), both, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(model_output(model, inputs), both, atol=1e-5, rtol=1e-5)
