@@ -386,3 +386,21 @@ def test_merge_named_adapters_equals_both_active():
     torch.testing.assert_close(model_output(model, inputs), both, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
     torch.testing.assert_close(model_output(model, inputs), both, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_routes_classifier_heads_too():
+    _, model, _ = _peft("bert")
+    model.add_adapter(
+        "b",
+        MELoRAConfig(r=1, n=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False),
+    )
+    with torch.no_grad():  # make the second head differ from the first
+        model.base_model.model.classifier.modules_to_save["b"].weight.add_(1.0)
+    model.eval()
+    ids = torch.randint(1, 120, (2, 7))
+    mixed = model(input_ids=ids, adapter_names=["b", "default"]).logits
+    model.set_adapter("b")
+    row_b = model(input_ids=ids[:1]).logits
+    model.set_adapter("default")
+    row_default = model(input_ids=ids[1:]).logits
+    torch.testing.assert_close(mixed, torch.cat([row_b, row_default]), atol=1e-5, rtol=1e-5)
