@@ -1,0 +1,161 @@
+"""Render benchmark results (the JSON of :func:`melora.bench.run_experiment`) as markdown and a plot."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+
+def _ms(stat: dict[str, float]) -> str:
+    return f"{1e3 * stat['median']:.1f} [{1e3 * stat['min']:.1f}, {1e3 * stat['max']:.1f}]"
+
+
+def _case_table(case: dict[str, Any]) -> list[str]:
+    base = next((row for row in case["rows"] if row["label"] == "base"), None)
+    lines = [
+        f"#### {case['case']}",
+        "",
+        "| configuration | trainable params | eq. rank | train step ms | forward ms | merged forward ms "
+        "| train / base | peak MB | step MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in case["rows"]:
+        s = row["stats_s"]
+        ratio = (
+            f"{statistics.median(a / b for a, b in zip(row['times_s']['train'], base['times_s']['train'])):.3f}"
+            if base
+            else "-"
+        )
+        memory = row.get("memory")
+        peak = f"{memory['peak_mb']:.0f}" if memory else "-"
+        step = f"{memory['step_mb']:.0f}" if memory else "-"
+        lines.append(
+            f"| {row['label']} | {row['trainable_params']:,} | {row['equivalent_rank'] or '-'} | {_ms(s['train'])} "
+            f"| {_ms(s['forward'])} | {_ms(s['forward_merged'])} | {ratio} | {peak} | {step} |"
+        )
+    lines += [f"- skipped {item['label']}: {item['reason']}" for item in case.get("skipped", [])]
+    return lines + [""]
+
+
+def targets_table(targets: list[dict[str, Any]]) -> list[str]:
+    lines = ["| case | MELoRA | check | value | target | met |", "|---|---|---|---:|---|---|"]
+    for t in targets:
+        met = "yes" if t["met"] else "**no**"
+        if t["target"] == "report":
+            met = "-"
+        lines.append(
+            f"| {t['case']} | {t['melora']} | {t['check']} | {t['value']:.3f} | {t['target']} | {met} |"
+        )
+    return lines
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """Header (versions, hardware, settings), one table per case, then the targets table."""
+    hw, cfg, ver = results["hardware"], results["config"], results["versions"]
+    lines = [
+        f"### Experiment `{results['label']}` ({cfg['level']} level)",
+        "",
+        f"{hw['cpu']}, {hw['cpu_count']} cores, torch threads {hw['torch_threads']}, device {hw['device']}"
+        + (f" ({hw['gpu']})" if hw.get("gpu") else "")
+        + f"; torch {ver['torch']}, transformers {ver['transformers']}, peft {ver['peft']}; dtype {cfg['dtype']}; "
+        f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, interleaved; wall time "
+        f"{results['wall_time_s'] / 60:.1f} min. Times: median [min, max] ms; ratios: median of per-repeat ratios.",
+        "",
+    ]
+    for case in results["cases"]:
+        lines += _case_table(case)
+    lines += ["Targets:", "", *targets_table(results["targets"]), ""]
+    return "\n".join(lines)
+
+
+def _layer_axes(results: dict[str, Any], axes) -> None:
+    """Train step relative to the base (left) and step memory (right) against n, per layer shape."""
+    colors = {"melora": "tab:blue", "loop": "tab:red", "lora": "tab:green"}
+    styles = ["-", "--", ":", "-."]
+    for index, case in enumerate(results["cases"]):
+        rows = {row["label"]: row for row in case["rows"]}
+        base = rows.get("base")
+        pairs = sorted(
+            (row["method"]["n"], row["method"]["r"])
+            for row in case["rows"]
+            if row["method"]["name"] == "melora"
+        )
+        r = statistics.mode(r for _, r in pairs) if pairs else 1
+        ns = [n for n, rr in pairs if rr == r]
+        for method, label_of in (
+            ("melora", lambda n, r=r: f"melora r={r} n={n}"),
+            ("loop", lambda n, r=r: f"loop r={r} n={n}"),
+            ("lora", lambda n, r=r: f"lora r={n * r}"),
+        ):
+            points = [(n, rows[label_of(n)]) for n in ns if label_of(n) in rows]
+            if not points:
+                continue
+            style = dict(color=colors[method], linestyle=styles[index % len(styles)], marker="o")
+            name = f"{method if method != 'lora' else 'LoRA(n*r)'} {case['case'].removeprefix('layer ')}"
+            if base:
+                times = [
+                    statistics.median(
+                        a / b for a, b in zip(row["times_s"]["train"], base["times_s"]["train"])
+                    )
+                    for _, row in points
+                ]
+                axes[0].plot([n for n, _ in points], times, label=name, **style)
+            memory = [(n, row["memory"]["step_mb"]) for n, row in points if "memory" in row]
+            if memory:
+                axes[1].plot(*zip(*memory), label=name, **style)
+    axes[0].set(xscale="log", xlabel="n (r fixed)", ylabel="train step / frozen base", title="Step time")
+    axes[1].set(xscale="log", xlabel="n (r fixed)", ylabel="MB added by the training step", title="Memory")
+
+
+def _e2e_axes(results: dict[str, Any], axes) -> None:
+    """Bars per configuration: train step relative to the base (left) and peak memory (right), per model."""
+    cases = results["cases"]
+    width = 0.8 / max(len(cases), 1)
+    labels = list(dict.fromkeys(row["label"] for case in cases for row in case["rows"]))
+    for index, case in enumerate(cases):
+        rows = {row["label"]: row for row in case["rows"]}
+        base = rows.get("base")
+        xs = [i + index * width for i, label in enumerate(labels) if label in rows]
+        present = [label for label in labels if label in rows]
+        if base:
+            ratios = [
+                statistics.median(
+                    a / b for a, b in zip(rows[x]["times_s"]["train"], base["times_s"]["train"])
+                )
+                for x in present
+            ]
+            axes[0].bar(xs, ratios, width, label=case["case"])
+        if all("memory" in rows[x] for x in present):
+            axes[1].bar(xs, [rows[x]["memory"]["peak_mb"] for x in present], width, label=case["case"])
+    for ax, ylabel, title in (
+        (axes[0], "train step / frozen base", "Step time"),
+        (axes[1], "peak MB", "Memory"),
+    ):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=45, ha="right")
+        ax.set(ylabel=ylabel, title=title)
+
+
+def render_plot(results: dict[str, Any], path: str | Path) -> Path:
+    """Two panels (time, memory) saved as PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    if results["config"]["level"] == "layer":
+        _layer_axes(results, axes)
+    else:
+        _e2e_axes(results, axes)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(f"melora bench: {results['label']} ({results['hardware']['device']})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

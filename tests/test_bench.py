@@ -1,0 +1,165 @@
+"""melora bench: configurations, the loop baseline's correctness, the harness end to end (no timing asserts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import melora  # noqa: F401  (registers MELORA)
+from melora.bench import (
+    Experiment,
+    LayerShape,
+    MethodSpec,
+    ModelCase,
+    render_markdown,
+    render_plot,
+    run_experiment,
+)
+from melora.bench.config import experiment_from_dict, gralora_for
+from melora.bench.configurations import SingleLinear, attach_adapter
+from melora.bench.harness import KINDS
+from melora.bench.kernels import VARIANTS
+from melora.bench.loop_baseline import LoopMELoRALinear
+from melora.finetune.common import load_yaml
+from melora.functional import block_diagonal
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check_results(results: dict, experiment: Experiment) -> None:
+    expected = {spec.label for spec in experiment.methods()}
+    assert results["kind"] == "bench" and results["hardware"]["torch_threads"] >= 1
+    for case in results["cases"]:
+        assert {row["label"] for row in case["rows"]} == expected
+        for row in case["rows"]:
+            for kind in KINDS:
+                times = row["times_s"][kind]
+                assert len(times) == experiment.repeats
+                assert all(math.isfinite(t) and t > 0 for t in times), (row["label"], kind, times)
+    assert all(math.isfinite(value) for value in results["summary"].values())
+
+
+def test_loop_baseline_equals_melora_for_the_same_weights() -> None:
+    torch.manual_seed(0)
+    base = SingleLinear(16)
+    reference = base.proj.weight.detach().clone()
+    model = attach_adapter(base, MethodSpec("melora", r=2, n=4), ["proj"], alpha=8)
+    layer = model.base_model.model.proj
+    with torch.no_grad():
+        layer.melora_B["default"].normal_()  # B starts at zero: make the adapter visible
+    loop = LoopMELoRALinear(torch.nn.Linear(16, 16, bias=False), r=2, n=4, alpha=8)
+    with torch.no_grad():
+        loop.base.weight.copy_(reference)
+    loop.load_melora_factors(layer.melora_A["default"], layer.melora_B["default"])
+    x = torch.randn(3, 5, 16)
+    expected = model(x)
+    torch.testing.assert_close(loop(x), expected)
+    loop.merge()
+    torch.testing.assert_close(loop(x), expected, atol=1e-5, rtol=1e-5)
+    loop.unmerge()
+    torch.testing.assert_close(loop.base.weight, reference, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("r,n", [(1, 1), (1, 8), (3, 4)])
+def test_kernel_variants_are_exact(r: int, n: int) -> None:
+    torch.manual_seed(0)
+    x, A, B = torch.randn(2, 7, 32), torch.randn(n, r, 32 // n), torch.randn(n, 32 // n, r)
+    dense = x @ (block_diagonal(B) @ block_diagonal(A)).T * 0.5
+    for name, variant in VARIANTS.items():
+        torch.testing.assert_close(variant(x, A, B, 0.5), dense, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_configurations_and_gralora_choice() -> None:
+    experiment = Experiment(name="t", level="layer", shapes=[LayerShape(64, 8)], melora=[(1, 8), (8, 8)])
+    labels = [spec.label for spec in experiment.methods()]
+    assert labels == [
+        "base",
+        "melora r=1 n=8",
+        "lora r=1",
+        "lora r=8",
+        "gralora r=8 k=8",
+        "loop r=1 n=8",
+        "melora r=8 n=8",
+        "lora r=64",
+        "loop r=8 n=8",
+    ]
+    assert gralora_for(2, 4) == MethodSpec("gralora", r=4, k=4)
+    assert MethodSpec("melora", r=2, n=4).equivalent_rank == 8
+
+
+def test_invalid_experiments_name_the_problem() -> None:
+    with pytest.raises(ValueError, match="level='gpu': choose 'layer', 'e2e' or 'kernel'"):
+        Experiment(name="t", level="gpu", melora=[(1, 8)])
+    with pytest.raises(ValueError, match=r"baselines \['dora'\]"):
+        Experiment(name="t", level="layer", shapes=[LayerShape(8, 8)], melora=[(1, 8)], baselines=("dora",))
+    with pytest.raises(ValueError, match="must be a multiple of k"):
+        MethodSpec("gralora", r=2, k=4)
+    with pytest.raises(ValueError, match=r"Unknown benchmark option\(s\) \['repeat'\]"):
+        experiment_from_dict({"name": "t", "level": "layer", "repeat": 3, "melora": [{"r": 1, "n": 2}]})
+    with pytest.raises(ValueError, match="set task to 'seq_cls' or 'causal_lm'"):
+        ModelCase("my/model", batch=1, seq_len=8, target_modules=("q",))
+
+
+def test_layer_level_end_to_end_renders(tmp_path: Path) -> None:
+    experiment = experiment_from_dict(
+        {
+            "name": "tiny",
+            "level": "layer",
+            "shapes": {"d": 32, "tokens": 16},
+            "melora": [{"r": 1, "n": [1, 2, 4]}],
+            "repeats": 2,
+            "warmup": 1,
+            "min_time_s": 0.0,
+            "threads": 1,
+            "memory": False,
+        }
+    )
+    results = run_experiment(experiment)
+    _check_results(results, experiment)
+    checks = {t["check"] for t in results["targets"]}
+    assert {"train_vs_lora_same_params", "overhead_vs_base", "merged_forward_vs_base"} <= checks
+    markdown = render_markdown(json.loads(json.dumps(results)))
+    assert "| melora r=1 n=4 |" in markdown and "| loop r=1 n=4 |" in markdown and "Targets:" in markdown
+    assert render_plot(results, tmp_path / "bench_tiny.png").stat().st_size > 0
+
+
+def test_e2e_level_on_a_tiny_llama(tmp_path: Path) -> None:
+    experiment = Experiment(
+        name="tiny-e2e",
+        level="e2e",
+        models=[ModelCase("tiny-llama", batch=2, seq_len=8, target_modules=("q_proj", "v_proj"))],
+        melora=[(1, 4)],
+        repeats=2,
+        min_time_s=0.0,
+        threads=1,
+        memory=False,
+    )
+    results = run_experiment(experiment)
+    _check_results(results, experiment)
+    rows = {row["label"]: row for row in results["cases"][0]["rows"]}
+    assert rows["melora r=1 n=4"]["trainable_params"] == rows["lora r=1"]["trainable_params"]
+    assert rows["base"]["trainable_params"] == 0
+    assert render_plot(results, tmp_path / "bench_e2e.png").exists()
+
+
+@pytest.mark.slow
+def test_quick_command_writes_json_table_and_plot(tmp_path: Path) -> None:
+    from melora.bench import runner
+
+    parser = argparse.ArgumentParser(prog="melora")
+    runner.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["bench", "--quick", str(REPO / "benchmarks" / "quick.yaml"), "--out-dir", str(tmp_path / "out")]
+        + ["--figures-dir", str(tmp_path / "fig")]
+    )
+    assert args.func(args) == 0
+    results = json.loads((tmp_path / "out" / "quick-quick.json").read_text())
+    _check_results(results, experiment_from_dict(load_yaml(REPO / "benchmarks" / "quick.yaml")).quick())
+    assert all(row["memory"]["peak_mb"] > 0 for row in results["cases"][0]["rows"])
+    assert "| loop r=1 n=8 |" in (tmp_path / "out" / "quick-quick.md").read_text()
+    assert (tmp_path / "fig" / "bench_quick-quick.png").stat().st_size > 0
