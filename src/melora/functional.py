@@ -51,8 +51,14 @@ def melora_delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> tor
 def melora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """The adapter output ``scaling * concat_i(B_i A_i x_i)`` for any leading dimensions.
 
-    One reshape and two batched contractions; no loop over blocks. The scaling is applied to the
-    rank-r intermediate, the smallest tensor on the path.
+    No loop over blocks; two matmuls whose layout depends on the total rank n*r (measured in
+    docs/benchmarks.md, "What was tried"):
+    - n*r <= 32: dense matmuls with the block-diagonal factors (n*r, d_in) and (d_out, n*r). No copy of x or
+      of the output; the zeros cost n times LoRA(r)'s flops, which is nothing next to the memory traffic
+      at such small ranks.
+    - n*r > 32: batched matmuls over the n blocks on strided views of x (no input copy); only the output is
+      transposed back, and the flops stay those of LoRA(r).
+    The scaling is applied to the rank-(n*r) intermediate, the smallest tensor on the path.
 
     Args:
         x: (..., d_in), contiguous or not
@@ -67,10 +73,13 @@ def melora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
         raise ValueError(
             f"melora_forward: input has {x.shape[-1]} features, the adapter expects n*k = {n}*{k} = {n * k}."
         )
-    x_blocks = x.reshape(-1, n, k)  # (T, n, k)
-    hidden = torch.einsum("tnk,nrk->tnr", x_blocks, A) * scaling  # (T, n, r)
-    out = torch.einsum("tnr,nor->tno", hidden, B)  # (T, n, o)
-    return out.reshape(*leading, n * B.shape[1])  # (..., d_out)
+    if n * r <= 32:  # the crossover measured on CPU (docs/benchmarks.md)
+        hidden = torch.nn.functional.linear(x, block_diagonal(A)) * scaling  # (..., n*r)
+        return torch.nn.functional.linear(hidden, block_diagonal(B))  # (..., n*o)
+    x_blocks = x.reshape(-1, n, k).transpose(0, 1)  # (n, T, k), a strided view when x is contiguous
+    hidden = torch.bmm(x_blocks, A.transpose(1, 2)) * scaling  # (n, T, r)
+    out = torch.bmm(hidden, B.transpose(1, 2))  # (n, T, o)
+    return out.transpose(0, 1).reshape(*leading, n * B.shape[1])  # (..., d_out)
 
 
 def to_lora_factors(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
