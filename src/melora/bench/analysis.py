@@ -91,7 +91,7 @@ def _flat_checks(case: str, rows: dict[str, dict]) -> list[dict[str, Any]]:
     """Per r, the slowest over the fastest MELoRA training step across n (needs >= 3 values of n)."""
     by_r: dict[int, list[str]] = {}
     for label, row in rows.items():
-        if row["method"]["name"] == "melora":
+        if row["method"]["name"] == "melora" and not row["method"].get("impl"):
             by_r.setdefault(row["method"]["r"], []).append(label)
     out = []
     for r, labels in sorted(by_r.items()):
