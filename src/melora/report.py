@@ -1,0 +1,216 @@
+"""``melora report``: aggregate results.json files (methods x tasks x seeds) into a table and a plot.
+
+Any runner's results.json works (kind ``glue``, ``instruct`` or ``eval``): runs are grouped by
+(kind, label, summary key), so over seeds; a GLUE key such as ``rte/accuracy_best`` already names
+its task. Each group gives mean, sample standard deviation and count. Output: one markdown table
+per kind (rows: labels, columns: summary keys), a plot of score vs trainable parameters (log x),
+and the groups as JSON.
+
+    melora report results/glue --keys '_best$' --output table.md --plot score_vs_params.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from melora.finetune.common import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("kind", "label", "summary")
+
+
+@dataclass
+class Group:
+    """One (kind, label, metric) cell aggregated over runs (normally seeds)."""
+
+    kind: str
+    label: str
+    metric: str
+    values: list[float] = field(default_factory=list)
+    seeds: list[Any] = field(default_factory=list)
+    trainable_params: list[int] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof=1); 0 for a single run."""
+        if len(self.values) < 2:
+            return 0.0
+        mean = self.mean
+        return math.sqrt(sum((v - mean) ** 2 for v in self.values) / (len(self.values) - 1))
+
+
+def find_results(paths: list[str | os.PathLike]) -> list[Path]:
+    """``results.json`` files: given directly, inside a run folder, or anywhere below a folder."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_file():
+            found.append(path)
+        elif (path / "results.json").is_file():
+            found.append(path / "results.json")
+        elif path.is_dir():
+            found.extend(sorted(path.rglob("results.json")))
+        else:
+            raise FileNotFoundError(f"{path} does not exist; pass run folders or results.json files.")
+    if not found:
+        raise FileNotFoundError(f"No results.json found under {', '.join(map(str, paths))}.")
+    return list(dict.fromkeys(found))
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    """One results.json, checked for the keys the report needs."""
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}).") from err
+    missing = [key for key in REQUIRED_KEYS if key not in run]
+    if missing or not isinstance(run.get("summary"), dict):
+        raise ValueError(
+            f"{path}: expected keys {list(REQUIRED_KEYS)} with a flat 'summary' dict; missing {missing}."
+        )
+    return run
+
+
+def aggregate(runs: list[dict[str, Any]], keys: str | None = None) -> list[Group]:
+    """Group runs by (kind, label, summary key); ``keys`` is a regex that selects summary keys."""
+    pattern = re.compile(keys) if keys else None
+    groups: dict[tuple[str, str, str], Group] = {}
+    for run in runs:
+        for metric, value in run["summary"].items():
+            if value is None or (pattern is not None and not pattern.search(metric)):
+                continue
+            key = (run["kind"], run["label"], metric)
+            group = groups.setdefault(key, Group(*key))
+            group.values.append(float(value))
+            group.seeds.append(run.get("seed"))
+            if run.get("trainable_params") is not None:
+                group.trainable_params.append(int(run["trainable_params"]))
+    return list(groups.values())
+
+
+def _params_text(params: list[int]) -> str:
+    if not params:
+        return "-"
+    low, high = min(params), max(params)
+    return f"{low:,}" if low == high else f"{low:,}-{high:,}"
+
+
+def markdown_tables(groups: list[Group]) -> str:
+    """One markdown table per kind: a row per label, a column per metric, cells ``mean ± std (n)``."""
+    by_kind: dict[str, list[Group]] = defaultdict(list)
+    for group in groups:
+        by_kind[group.kind].append(group)
+    blocks = []
+    for kind, kind_groups in by_kind.items():
+        metrics = sorted({g.metric for g in kind_groups})
+        cells = {(g.label, g.metric): g for g in kind_groups}
+        labels = sorted(
+            {g.label for g in kind_groups},
+            key=lambda label: min(
+                (p for g in kind_groups if g.label == label for p in g.trainable_params), default=0
+            ),
+        )
+        lines = [
+            f"**{kind}** (mean ± std over runs, (n) = runs)",
+            "",
+            "| label | trainable params | " + " | ".join(metrics) + " | avg |",
+            "|---|---:|" + "---:|" * (len(metrics) + 1),
+        ]
+        for label in labels:
+            row = [cells.get((label, m)) for m in metrics]
+            params = [p for g in row if g is not None for p in g.trainable_params]
+            texts = [f"{g.mean:.3f} ± {g.std:.3f} ({len(g.values)})" if g else "-" for g in row]
+            avg = f"{sum(g.mean for g in row) / len(row):.3f}" if all(row) else "-"
+            lines.append(f"| {label} | {_params_text(params)} | " + " | ".join(texts) + f" | {avg} |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
+    """One panel per metric: mean ± std against trainable parameters (log x), one point per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plotted = [g for g in groups if g.trainable_params]
+    if not plotted:
+        raise ValueError("No run has trainable_params; nothing to plot.")
+    metrics = sorted({g.metric for g in plotted})
+    cols = min(3, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    labels = sorted({g.label for g in plotted})
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    for ax, metric in zip(axes.flat, metrics):
+        for g in (g for g in plotted if g.metric == metric):
+            x = sorted(g.trainable_params)[len(g.trainable_params) // 2]
+            ax.errorbar(x, g.mean, yerr=g.std, fmt="o", capsize=3, color=colors[g.label], label=g.label)
+        ax.set_xscale("log")
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("trainable parameters")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colors[label]) for label in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(
+    paths: list[str | os.PathLike],
+    keys: str | None = None,
+    output: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+) -> str:
+    """Aggregate the runs under ``paths``; write the table/plot/JSON where asked; return the table."""
+    files = find_results(paths)
+    groups = aggregate([load_run(f) for f in files], keys)
+    if not groups:
+        raise ValueError(f"No summary key matches {keys!r} in {len(files)} results.json file(s).")
+    table = markdown_tables(groups)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(table, encoding="utf-8")
+    if plot:
+        plot_score_vs_params(groups, plot)
+    if json_path:
+        rows = [{**asdict(g), "mean": g.mean, "std": g.std, "n": len(g.values)} for g in groups]
+        write_json_atomic(json_path, {"runs": [str(f) for f in files], "groups": rows})
+    logger.info("Aggregated %d results.json into %d groups", len(files), len(groups))
+    return table
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: print the table."""
+    print(report(args.runs, keys=args.keys, output=args.output, plot=args.plot, json_path=args.json), end="")
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``melora report``."""
+    parser = subparsers.add_parser("report", help="aggregate results.json files", description=__doc__)
+    parser.add_argument("runs", nargs="+", help="run folders, results.json files or folders to search")
+    parser.add_argument("--keys", default=None, help="regex selecting summary keys, e.g. '_best$'")
+    parser.add_argument("--output", default=None, help="write the markdown table here")
+    parser.add_argument("--plot", default=None, help="write the score-vs-params plot here (.png)")
+    parser.add_argument("--json", default=None, help="write the aggregated groups here")
+    parser.set_defaults(func=main)
+    return parser

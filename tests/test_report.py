@@ -1,0 +1,94 @@
+"""melora report: grouping over seeds, mean/std by hand, markdown, plot, JSON and errors."""
+
+import argparse
+import json
+
+import pytest
+
+from melora.finetune.common import write_json_atomic
+from melora.report import add_parser, aggregate, find_results, load_run, report
+
+
+def write_run(folder, kind, label, seed, summary, params):
+    run = {
+        "kind": kind,
+        "label": label,
+        "method": label.split()[0],
+        "seed": seed,
+        "summary": summary,
+        "trainable_params": params,
+        "equivalent_rank": 8,
+        "config": {},
+        "versions": {},
+        "wall_time_s": 1.0,
+    }
+    write_json_atomic(folder / "results.json", run)
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for seed, (lora, melora) in enumerate([(0.60, 0.70), (0.64, 0.66)]):
+        write_run(
+            tmp_path / "rte" / "lora" / f"s{seed}",
+            "glue",
+            "lora r=8",
+            seed,
+            {"rte/accuracy_best": lora, "rte/accuracy_last": lora - 0.1},
+            74498,
+        )
+        write_run(
+            tmp_path / "rte" / "melora" / f"s{seed}",
+            "glue",
+            "melora r=1 n=8",
+            seed,
+            {"rte/accuracy_best": melora, "rte/accuracy_last": melora - 0.1},
+            9986,
+        )
+    write_run(tmp_path / "eval" / "a", "eval", "lora r=8", 0, {"mmlu/acc": 0.25, "bbh/em": 0.1}, 100)
+    return tmp_path
+
+
+def test_mean_and_sample_std_over_seeds(runs):
+    groups = aggregate([load_run(p) for p in find_results([runs / "rte"])], keys="_best$")
+    by_label = {g.label: g for g in groups}
+    assert set(by_label) == {"lora r=8", "melora r=1 n=8"}
+    assert by_label["lora r=8"].mean == pytest.approx(0.62)
+    assert by_label["lora r=8"].std == pytest.approx(0.02 * 2**0.5)  # sqrt((0.02^2 + 0.02^2) / 1)
+    assert by_label["melora r=1 n=8"].mean == pytest.approx(0.68)
+    assert sorted(by_label["melora r=1 n=8"].seeds) == [0, 1]
+
+
+def test_table_plot_and_json(runs, tmp_path):
+    table = report([runs], output=tmp_path / "t.md", plot=tmp_path / "p.png", json_path=tmp_path / "g.json")
+    assert "**glue**" in table and "**eval**" in table
+    assert "| melora r=1 n=8 | 9,986 | 0.680 ± 0.028 (2) | 0.580 ± 0.028 (2) | 0.630 |" in table
+    assert table.index("melora r=1 n=8") < table.index("| lora r=8 | 74,498")  # rows sorted by params
+    assert "| lora r=8 | 100 | 0.100 ± 0.000 (1) | 0.250 ± 0.000 (1) | 0.175 |" in table
+    assert (tmp_path / "t.md").read_text() == table
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    groups = json.loads((tmp_path / "g.json").read_text())["groups"]
+    assert len(groups) == 6 and all({"mean", "std", "n", "values"} <= set(g) for g in groups)
+
+
+def test_cli_prints_the_table(runs, capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["report", str(runs / "rte"), "--keys", "accuracy_best"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "rte/accuracy_best" in out and "accuracy_last" not in out
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No results.json found under"):
+        find_results([tmp_path])
+    with pytest.raises(FileNotFoundError, match="does not exist; pass run folders"):
+        find_results([tmp_path / "nope"])
+    (tmp_path / "results.json").write_text(json.dumps({"kind": "glue", "label": "x"}))
+    with pytest.raises(
+        ValueError, match=r"expected keys \['kind', 'label', 'summary'\].*missing \['summary'\]"
+    ):
+        load_run(tmp_path / "results.json")
+    write_run(tmp_path, "glue", "lora r=8", 0, {"rte/accuracy_best": 0.5}, 10)
+    with pytest.raises(ValueError, match="No summary key matches 'mcc'"):
+        report([tmp_path], keys="mcc")
