@@ -136,6 +136,35 @@ def _e2e_axes(results: dict[str, Any], axes) -> None:
         ax.set(ylabel=ylabel, title=title)
 
 
+def _kernel_axes(results: dict[str, Any], axes) -> None:
+    """Per case (first and last), training-path time of each variant relative to LoRA(r), per (r, n)."""
+    for ax, case in zip(axes, [results["cases"][0], results["cases"][-1]]):
+        rows = {row["label"]: row for row in case["rows"]}
+        pairs = list(
+            dict.fromkeys(
+                (row["method"]["r"], row["method"]["n"]) for row in case["rows"] if row["method"]["impl"]
+            )
+        )
+        variants = list(dict.fromkeys(row["method"]["impl"] for row in case["rows"] if row["method"]["impl"]))
+        width = 0.8 / (len(variants) + 1)
+        for index, name in enumerate([*variants, "LoRA(n*r)"]):
+            ratios = []
+            for r, n in pairs:
+                label = f"lora r={n * r}" if name == "LoRA(n*r)" else f"melora[{name}] r={r} n={n}"
+                ratios.append(
+                    statistics.median(
+                        a / b
+                        for a, b in zip(
+                            rows[label]["times_s"]["train"], rows[f"lora r={r}"]["times_s"]["train"]
+                        )
+                    )
+                )
+            ax.bar([i + index * width for i in range(len(pairs))], ratios, width, label=name)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], [f"r={r} n={n}" for r, n in pairs])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set(ylabel="adapter fwd+bwd / LoRA(r)", title=case["case"])
+
+
 def render_plot(results: dict[str, Any], path: str | Path) -> Path:
     """Two panels (time, memory) saved as PNG at ``path``."""
     import matplotlib
@@ -146,6 +175,8 @@ def render_plot(results: dict[str, Any], path: str | Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     if results["config"]["level"] == "layer":
         _layer_axes(results, axes)
+    elif results["config"]["level"] == "kernel":
+        _kernel_axes(results, axes)
     else:
         _e2e_axes(results, axes)
     for ax in axes:
