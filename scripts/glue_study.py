@@ -29,7 +29,15 @@ BUDGET = {
     "mrpc": {"max_train_samples": 600, "epochs": 2, "max_length": 128},
     "rte": {"max_train_samples": 500, "epochs": 2, "max_length": 128},
 }
-COMMON = {"batch_size": 16, "eval_batch_size": 64, "group_by_length": True, "save_strategy": "no"}
+# The pooler (dense + tanh on [CLS]) trains with the classifier: together they are BERT's counterpart of
+# RoBERTa's classification head (dense + tanh + out_proj), which the paper trains in full.
+COMMON = {
+    "batch_size": 16,
+    "eval_batch_size": 64,
+    "group_by_length": True,
+    "save_strategy": "no",
+    "modules_to_save": ["pooler"],
+}
 TASKS = list(BUDGET)
 SEEDS = (0, 1, 2)
 METHODS = {

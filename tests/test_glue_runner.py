@@ -277,3 +277,14 @@ def test_minilm_melora_on_real_rte_subset(tmp_path):
     losses = [row["train_loss"] for row in results["epochs"]]
     assert losses[-1] < losses[0]
     assert (tmp_path / "results.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_modules_to_save_adds_the_pooler_to_the_trained_head(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    args = parse(["--task", "rte", "--output-dir", "x", "--modules-to-save", "pooler"])
+    assert GlueRunConfig.from_options(resolve_options(args)).modules_to_save == ["pooler"]
+    results = run_glue(tiny_config(tiny, tmp_path, modules_to_save=["pooler"], epochs=1))
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    assert any("pooler" in key for key in weights) and any("classifier" in key for key in weights)
+    assert results["trainable_params"] == 512 + (64 * 64 + 64) + (64 * 2 + 2)  # MELoRA + pooler + classifier

@@ -54,6 +54,7 @@ class GlueRunConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    modules_to_save: list[str] | None = None
     epochs: float = 3.0
     batch_size: int = 32
     eval_batch_size: int = 64
@@ -243,7 +244,8 @@ def build_trainer(cfg: GlueRunConfig):
         alpha=cfg.alpha,
         dropout=cfg.dropout,
         target_modules=cfg.target_modules,
-        task_type="SEQ_CLS",  # PEFT then trains and saves the classifier head (modules_to_save)
+        modules_to_save=cfg.modules_to_save,
+        task_type="SEQ_CLS",  # PEFT then trains and saves the classifier head, whatever modules_to_save says
     )
     model = apply_method(model, peft_config)
     data = _tokenize(data, tokenizer, cfg.max_length)
@@ -375,6 +377,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--output-dir", default=None, help="where results.json, checkpoints and the adapter go"
     )
     add_adapter_args(parser)
+    parser.add_argument(
+        "--modules-to-save",
+        nargs="+",
+        default=None,
+        help="extra modules trained in full with an adapter (the classifier always is); e.g. pooler for BERT",
+    )
     train = parser.add_argument_group("training")
     train.add_argument("--epochs", type=float, default=None)
     train.add_argument("--batch-size", type=int, default=None)
