@@ -74,8 +74,10 @@ def melora_forward(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
             f"melora_forward: input has {x.shape[-1]} features, the adapter expects n*k = {n}*{k} = {n * k}."
         )
     if n * r <= 32:  # the crossover measured on CPU (docs/benchmarks.md)
-        hidden = torch.nn.functional.linear(x, block_diagonal(A)) * scaling  # (..., n*r)
-        return torch.nn.functional.linear(hidden, block_diagonal(B))  # (..., n*o)
+        A_dense = A[0] if n == 1 else block_diagonal(A)  # (n*r, d_in); n = 1: a view, no copy
+        B_dense = B[0] if n == 1 else block_diagonal(B)  # (d_out, n*r)
+        hidden = torch.nn.functional.linear(x, A_dense) * scaling  # (..., n*r)
+        return torch.nn.functional.linear(hidden, B_dense)  # (..., n*o)
     x_blocks = x.reshape(-1, n, k).transpose(0, 1)  # (n, T, k), a strided view when x is contiguous
     hidden = torch.bmm(x_blocks, A.transpose(1, 2)) * scaling  # (n, T, r)
     out = torch.bmm(hidden, B.transpose(1, 2))  # (n, T, o)
