@@ -202,7 +202,7 @@ class WorkloadFactory:
     def __init__(self, experiment: Experiment, device: torch.device) -> None:
         self.experiment = experiment
         self.device = device
-        self._base: tuple[ModelCase, nn.Module] | None = None
+        self._base: tuple[str, nn.Module] | None = None
 
     def __call__(self, case: LayerShape | ModelCase, spec: MethodSpec) -> Workload:
         if self.experiment.level == "kernel":
@@ -211,8 +211,8 @@ class WorkloadFactory:
             return kernel_workload(self.experiment, case, spec, self.device)
         if isinstance(case, LayerShape):
             return layer_workload(self.experiment, case, spec, self.device)
-        if self._base is None or self._base[0] != case:
-            self._base = (case, load_base_model(case, self.experiment, self.device))
+        if self._base is None or self._base[0] != case.model:
+            self._base = (case.model, load_base_model(case, self.experiment, self.device))
         return model_workload(self.experiment, case, spec, self._base[1], self.device)
 
     def release(self) -> None:

@@ -2,8 +2,9 @@
 
 CPU: the resident-set high-water mark (``VmHWM`` in /proc/self/status) is per process, so the timing
 process (which holds every configuration at once) cannot give it. One worker per case
-(``python -m melora.bench.memory``) builds the configurations one after the other; for each, once the
-model is built, the mark is reset (writing "5" to /proc/self/clear_refs, Linux >= 4.0) and warm-up + one
+(``python -m melora.bench.memory``) first runs every configuration once on a few tokens (so that lazy
+initialisations are not charged to whichever configuration comes first), then builds the configurations
+one after the other; for each, once the model is built, the mark is reset (writing "5" to /proc/self/clear_refs, Linux >= 4.0) and warm-up + one
 training step run. The worker runs with ``MALLOC_MMAP_THRESHOLD_=65536`` so every tensor is its own
 mapping and freeing it gives the memory back to the OS: the previous configuration's memory cannot be
 reused unseen. Reported: ``peak_mb`` (the worker at its peak: imports, the model and for the e2e level
@@ -21,7 +22,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,11 @@ def measure_in_this_process(
         torch.set_num_threads(experiment.threads)
     device = resolve_device(experiment.device)
     factory = WorkloadFactory(experiment, device)
+    for spec in specs:  # first use of each code path (lazy inits, kernels) outside the measurements
+        workload = factory(_small(case), spec)
+        for _ in range(2):
+            workload.train_step()
+        del workload
     results = {}
     for spec in specs:
         workload = factory(case, spec)
@@ -98,6 +104,13 @@ def measure_in_this_process(
         del workload
         _release_memory()
     return results
+
+
+def _small(case: LayerShape | ModelCase) -> LayerShape | ModelCase:
+    """The same layer or model on a handful of tokens."""
+    if isinstance(case, LayerShape):
+        return replace(case, tokens=8)
+    return replace(case, batch=1, seq_len=8)
 
 
 def _payload(experiment: Experiment, case: LayerShape | ModelCase, specs: list[MethodSpec]) -> str:
