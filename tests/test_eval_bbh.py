@@ -75,7 +75,7 @@ def test_per_task_average_by_hand(tmp_path, monkeypatch):
     assert result.summary["instructeval_acc"] == pytest.approx(
         (1.0 + 1.0) / 2
     )  # "Falsehood" starts with "False"
-    assert result.summary["n"] == 5
+    assert len(result.predictions) == 5
     assert seen == {"max_new_tokens": 32, "stop": ("\n",), "groups": ["t1", "t1", "t2", "t2", "t2"]}
 
 

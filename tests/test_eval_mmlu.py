@@ -60,7 +60,6 @@ def test_micro_and_macro_accuracy_by_hand():
     summary = mmlu.accuracy_summary({"a": [True, False], "b": [True, True, True, False]})
     assert summary["acc"] == pytest.approx(4 / 6)  # 4 of 6 questions
     assert summary["acc_macro"] == pytest.approx((1 / 2 + 3 / 4) / 2)
-    assert summary["n"] == 6
     with pytest.raises(ValueError, match="No MMLU questions were evaluated"):
         mmlu.accuracy_summary({"a": []})
 

@@ -41,10 +41,9 @@ def test_base_model_results_follow_the_contract(tiny_dirs, tmp_path):
     results = runner.run_eval(str(model_dir), None, ["mmlu", "bbh"], str(data_dir), 1, 2, str(tmp_path))
     assert CONTRACT_KEYS <= set(results)
     assert (results["kind"], results["label"], results["method"]) == ("eval", "tiny-llama", "base")
-    assert set(results["summary"]) == {"mmlu/acc", "mmlu/acc_macro", "mmlu/n", "bbh/em", "bbh/instructeval_acc",
-                                       "bbh/n"}  # fmt: skip
+    assert set(results["summary"]) == {"mmlu/acc", "mmlu/acc_macro", "bbh/em", "bbh/instructeval_acc"}
     assert (
-        results["summary"]["mmlu/n"] == 2 and results["summary"]["bbh/n"] == 2
+        results["tasks"]["mmlu"]["n"] == 2 and results["tasks"]["bbh"]["n"] == 2
     )  # limit 1 per subject / task
     assert json.loads((tmp_path / "results.json").read_text())["summary"] == results["summary"]
     table = (tmp_path / "results.md").read_text()
@@ -69,7 +68,7 @@ def test_adapter_and_merged_adapter_score_the_same(tiny_dirs, tmp_path):
     torch.testing.assert_close(_logprobs(tmp_path / "a"), _logprobs(tmp_path / "b"), atol=1e-4, rtol=0)
 
 
-def test_melora_adapter_and_its_exported_lora_score_the_same(tiny_dirs, tmp_path):
+def test_melora_adapter_its_exported_lora_and_merge_score_the_same(tiny_dirs, tmp_path):
     from melora import MELoRAConfig, export_lora
 
     model_dir, data_dir = tiny_dirs
@@ -80,12 +79,14 @@ def test_melora_adapter_and_its_exported_lora_score_the_same(tiny_dirs, tmp_path
     base = runner.run_eval(str(model_dir), None, *args, str(tmp_path / "base"))
     mel = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "melora"))
     lora = runner.run_eval(str(model_dir), str(exported), *args, str(tmp_path / "lora"))
+    runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "merged"), merge=True)
     assert (mel["label"], mel["method"], mel["equivalent_rank"]) == ("melora-r1-n4", "melora", 4)
     assert (lora["method"], lora["equivalent_rank"]) == ("lora", 4)
     assert mel["trainable_params"] == 2 * (64 + 64 + 64 + 32)  # per layer r*(d_in + d_out) for q and v
-    torch.testing.assert_close(
-        _logprobs(tmp_path / "melora"), _logprobs(tmp_path / "lora"), atol=1e-4, rtol=0
-    )
+    for other in ("lora", "merged"):
+        torch.testing.assert_close(
+            _logprobs(tmp_path / "melora"), _logprobs(tmp_path / other), atol=1e-4, rtol=0
+        )
     assert not torch.allclose(_logprobs(tmp_path / "melora"), _logprobs(tmp_path / "base"), atol=1e-4)
     assert base["trainable_params"] == 0 and base["equivalent_rank"] is None
 

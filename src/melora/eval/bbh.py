@@ -153,7 +153,6 @@ def evaluate(
     summary = {
         "em": sum(per_task.values()) / len(per_task),
         "instructeval_acc": sum(per_task_loose.values()) / len(per_task_loose),
-        "n": float(len(predictions)),
     }
     return TaskResult(
         summary, {"per_task": per_task, "per_task_instructeval_acc": per_task_loose}, predictions

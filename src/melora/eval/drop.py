@@ -229,5 +229,5 @@ def evaluate(
             {"question": q.question, "answer": q.answer, "completion": completion, "f1": f1_score}
         )
     n = len(predictions)
-    summary = {"em": sum(em) / n, "f1": sum(f1) / n, "instructeval_acc": sum(prefix) / n, "n": float(n)}
+    summary = {"em": sum(em) / n, "f1": sum(f1) / n, "instructeval_acc": sum(prefix) / n}
     return TaskResult(summary, {"shots": [s.question for s in split.shots]}, predictions)

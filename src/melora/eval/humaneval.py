@@ -85,7 +85,7 @@ def score_completions(
         for p, c, o in zip(problems, completions, outcomes)
     ]
     passed = sum(o.passed for o in outcomes)
-    summary = {"pass@1": passed / len(problems), "n": float(len(problems))}
+    summary = {"pass@1": passed / len(problems)}
     return TaskResult(summary, {"status_counts": dict(Counter(o.status for o in outcomes))}, predictions)
 
 

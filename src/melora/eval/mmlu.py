@@ -119,7 +119,7 @@ def build_prompt(subject: str, shots: Sequence[Question], question: Question) ->
 
 
 def accuracy_summary(correct: dict[str, list[bool]]) -> dict[str, float]:
-    """``acc`` (micro: over all questions), ``acc_macro`` (mean of subject accuracies), ``n``."""
+    """``acc`` (micro: over all questions) and ``acc_macro`` (mean of subject accuracies)."""
     per_subject = [sum(c) / len(c) for c in correct.values() if c]
     everything = [x for c in correct.values() for x in c]
     if not everything:
@@ -127,7 +127,6 @@ def accuracy_summary(correct: dict[str, list[bool]]) -> dict[str, float]:
     return {
         "acc": sum(everything) / len(everything),
         "acc_macro": sum(per_subject) / len(per_subject),
-        "n": float(len(everything)),
     }
 
 

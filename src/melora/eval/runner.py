@@ -139,6 +139,7 @@ def evaluate_tasks(
     for name, task_data in data.items():
         start = time.perf_counter()
         results[name] = TASKS[name].evaluate(model, tokenizer, task_data, options)
+        results[name].details["n"] = len(results[name].predictions)  # one prediction per question
         results[name].details["wall_time_s"] = round(time.perf_counter() - start, 2)
         logger.info("%s: %s (%.1f s)", name, results[name].summary, results[name].details["wall_time_s"])
     return results
@@ -146,9 +147,11 @@ def evaluate_tasks(
 
 def render_markdown(results: dict[str, Any]) -> str:
     """A headline table plus one per-subject / per-task table for each task that has them."""
-    lines = [f"# Evaluation: {results['label']}", "", f"model `{results['config']['model']}`, "
-             f"adapter `{results['config']['adapter']}`, limit {results['config']['limit']}", "",
-             "| metric | value |", "|---|---:|"]  # fmt: skip
+    config = results["config"]
+    counts = ", ".join(f"{task} {detail['n']}" for task, detail in results["tasks"].items())
+    lines = [f"# Evaluation: {results['label']}", "",
+             f"model `{config['model']}`, adapter `{config['adapter']}`, limit {config['limit']}; questions: {counts}",
+             "", "| metric | value |", "|---|---:|"]  # fmt: skip
     lines += [f"| {k} | {v:.4f} |" for k, v in results["summary"].items()]
     for task, detail in results["tasks"].items():
         for key, table in detail.items():
