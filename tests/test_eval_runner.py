@@ -101,7 +101,8 @@ def test_humaneval_needs_explicit_permission(tiny_dirs, tmp_path):
     ("kwargs", "error", "message"),
     [
         ({"tasks": ["mmlu", "glue"]}, ValueError, r"Unknown or empty --tasks \['glue'\]"),
-        ({"limit": 0}, ValueError, "limit must be a positive number"),
+        ({"limit": 0}, ValueError, r"limits must be positive numbers of questions, got \{'mmlu': 0\}"),
+        ({"limit": {"bbh": 2}}, ValueError, r"\['bbh'\] are not among the evaluated tasks \['mmlu'\]"),
         ({"merge": True}, ValueError, "--merge needs --adapter"),
         ({"adapter": "nowhere"}, FileNotFoundError, "no adapter_config.json"),
         ({"data_dir": "missing-dir"}, FileNotFoundError, "--data-dir missing-dir does not exist"),
@@ -113,6 +114,15 @@ def test_bad_options_fail_with_a_clear_message(tiny_dirs, tmp_path, kwargs, erro
                "limit": 1, "batch_size": 1, "output_dir": str(tmp_path)} | kwargs  # fmt: skip
     with pytest.raises(error, match=message):
         runner.run_eval(**options)
+
+
+def test_limits_per_task():
+    assert runner.task_limits(2, ["mmlu", "bbh"]) == {"mmlu": 2, "bbh": 2}
+    assert runner.task_limits({"bbh": 3}, ["mmlu", "bbh"]) == {"mmlu": None, "bbh": 3}
+    assert runner.parse_limit("mmlu=2, bbh=3") == {"mmlu": 2, "bbh": 3}
+    assert runner.parse_limit("5") == 5
+    with pytest.raises(ValueError, match="give a number or task=N pairs"):
+        runner.parse_limit("mmlu:2")
 
 
 def test_data_dir_may_be_the_parent_of_eval(tmp_path):
@@ -127,7 +137,7 @@ def test_cli_parses_into_run_eval(tiny_dirs, tmp_path, capsys):
     parser = argparse.ArgumentParser()
     runner.add_parser(parser.add_subparsers())
     args = parser.parse_args(["eval", "--model", str(model_dir), "--tasks", "bbh", "--data-dir", str(data_dir),
-                              "--limit", "1", "--max-new-tokens", "3", "--output-dir", str(tmp_path)])  # fmt: skip
+                              "--limit", "bbh=1", "--max-new-tokens", "3", "--output-dir", str(tmp_path)])  # fmt: skip
     assert args.func(args) == 0
     assert "| bbh/em |" in capsys.readouterr().out
     config = json.loads((tmp_path / "results.json").read_text())["config"]

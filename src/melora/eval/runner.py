@@ -66,6 +66,33 @@ def parse_tasks(tasks: str | list[str]) -> list[str]:
     return names
 
 
+def parse_limit(text: str) -> int | dict[str, int]:
+    """The ``--limit`` value: ``"2"`` -> 2, ``"mmlu=2,bbh=3"`` -> ``{"mmlu": 2, "bbh": 3}``."""
+    try:
+        if "=" not in text:
+            return int(text)
+        return {
+            k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())
+        }
+    except ValueError:
+        raise ValueError(f"--limit {text!r}: give a number or task=N pairs such as mmlu=2,bbh=3.") from None
+
+
+def task_limits(limit: int | dict[str, int] | None, names: list[str]) -> dict[str, int | None]:
+    """Per-task question limits (None: all) from one number for every task or a ``{task: N}`` dict."""
+    per_task = dict(limit) if isinstance(limit, dict) else dict.fromkeys(names, limit)
+    problems = []
+    unknown = sorted(set(per_task) - set(names))
+    if unknown:
+        problems.append(f"{unknown} are not among the evaluated tasks {names}")
+    bad = {k: v for k, v in per_task.items() if v is not None and v < 1}
+    if bad:
+        problems.append(f"limits must be positive numbers of questions, got {bad}")
+    if problems:
+        raise ValueError(f"limit {limit!r}: " + "; ".join(problems) + ".")
+    return {name: per_task.get(name) for name in names}
+
+
 def task_data_dir(data_dir: str | Path | None, folder: str) -> Path | None:
     """Local folder of one task, or None (read the hub) when ``data_dir`` is None or lacks it.
 
@@ -173,7 +200,7 @@ def run_eval(
     adapter: str | None,
     tasks: list[str],
     data_dir: str | None,
-    limit: int | None,
+    limit: int | dict[str, int] | None,
     batch_size: int,
     output_dir: str,
     allow_code_execution: bool = False,
@@ -184,16 +211,16 @@ def run_eval(
 ) -> dict:
     """Evaluate ``model`` (+ ``adapter``) on ``tasks``; write and return the results.json dict.
 
-    ``limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval / DROP.
+    ``limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval / DROP;
+    a dict such as ``{"mmlu": 2, "bbh": 3, "humaneval": 20}`` sets it per task (a missing task: all).
     ``max_new_tokens`` overrides every generation task's default (BBH 32, HumanEval 256, DROP 16).
     """
     start = time.perf_counter()
     names = parse_tasks(tasks)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be a positive number of questions, got {limit}.")
+    limits = task_limits(limit, names)
     if "humaneval" in names and not allow_code_execution:
         raise PermissionError(humaneval.NO_PERMISSION)
-    data = {name: TASKS[name].load(task_data_dir(data_dir, name), limit) for name in names}
+    data = {name: TASKS[name].load(task_data_dir(data_dir, name), limits[name]) for name in names}
     lm, tokenizer, stats = load_model(model, adapter, merge)
     options = EvalOptions(batch_size, max_new_tokens, allow_code_execution)
     task_results = evaluate_tasks(lm, tokenizer, data, options)
@@ -242,7 +269,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tasks", default="mmlu,bbh", help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--data-dir", default=None, help="folder with mmlu/ bbh/ humaneval/ (default: hub)")
     parser.add_argument(
-        "--limit", type=int, default=None, help="first N per MMLU subject / BBH task / other task"
+        "--limit",
+        type=parse_limit,
+        default=None,
+        help="first N per MMLU subject / BBH task / other task, or per task: mmlu=2,bbh=3,humaneval=20",
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="override generation lengths")
