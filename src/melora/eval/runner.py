@@ -129,6 +129,12 @@ def load_model(model: str, adapter: str | None = None, merge: bool = False):
     """Return ``(model, tokenizer, stats)``; ``stats`` holds method, trainable_params, equivalent_rank."""
     from melora.models import load_causal_lm
 
+    if merge and adapter is None:
+        raise ValueError("--merge needs --adapter: there is nothing to merge into the base model.")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder?)."
+        )
     base, tokenizer = load_causal_lm(model)
     stats: dict[str, Any] = {"method": "base", "trainable_params": 0, "equivalent_rank": None}
     if adapter is not None:
@@ -136,16 +142,10 @@ def load_model(model: str, adapter: str | None = None, merge: bool = False):
 
         import melora  # noqa: F401  (registers the MELORA PEFT method)
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(
-                f"--adapter {adapter}: no adapter_config.json there (a PEFT adapter folder?)."
-            )
         base = PeftModel.from_pretrained(base, adapter)
         stats = _adapter_stats(base)
         if merge:
             base = base.merge_and_unload()
-    elif merge:
-        raise ValueError("--merge needs --adapter: there is nothing to merge into the base model.")
     return base.eval(), tokenizer, stats
 
 

@@ -139,7 +139,7 @@ class _Runner:
         ids = torch.tensor([list(prefix)], device=self.device)  # (1, P)
         return self(None, input_ids=ids, use_cache=True, logits_to_keep=1)[1]
 
-    def forward(self, cache, prefix_len: int, rows: list[list[int]], keep: int, use_cache: bool):
+    def rows_forward(self, cache, prefix_len: int, rows: list[list[int]], keep: int, use_cache: bool):
         """Logits ``(B, keep, V)`` of the last ``keep`` columns, the full mask ``(B, P + W)``, the cache."""
         ids, mask = _pad_left(rows, self.pad_id)  # (B, W)
         full_mask = torch.cat(
@@ -197,7 +197,7 @@ def continuation_logprobs(
     for cache, prefix_len, batch in runner.units(rows, groups, [k + 1 for k in n_cont], batch_size):
         suffixes = [rows[i][prefix_len:] for i in batch]
         keep = max(n_cont[i] for i in batch) + 1
-        logits, _, _ = runner.forward(cache, prefix_len, suffixes, keep, use_cache=False)  # (B, keep, V)
+        logits, _, _ = runner.rows_forward(cache, prefix_len, suffixes, keep, use_cache=False)  # (B, keep, V)
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         for b, i in enumerate(batch):
             k = n_cont[i]
@@ -238,7 +238,7 @@ def choice_logprobs(
     out = torch.empty((len(rows), len(choices)), dtype=torch.float32)
     runner = _Runner(model, _pad_id(tokenizer))
     for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
-        logits, _, _ = runner.forward(
+        logits, _, _ = runner.rows_forward(
             cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, use_cache=False
         )
         final = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
@@ -287,7 +287,7 @@ def greedy_generate(
     runner = _Runner(model, _pad_id(tokenizer))
     out = [""] * len(rows)
     for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
-        logits, mask, cache_b = runner.forward(
+        logits, mask, cache_b = runner.rows_forward(
             cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, True
         )
         positions = mask.sum(-1) - 1  # (B,) position of each row's last token
