@@ -2,6 +2,7 @@
 
     python scripts/glue_study.py --data-dir ../shared/data/glue --out results/glue   # run / resume
     python scripts/glue_study.py --plan                                              # list the runs
+    python scripts/glue_study.py --report-only   # tables + plot from the runs finished so far
 
 Stages, in order: (1) a learning-rate search on STS-B (a regression task, so every run gives a
 graded score), the same 3-point grid (x3 apart) around each method's centre, seed 0; (2) LoRA r=8 and MELoRA r=1 n=8 on every task, seeds 0-2, each at its method's
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from melora.finetune.glue import GlueRunConfig, run_glue
+from melora.report import report
 
 # Per-task budget, the same for every method (cut from the paper's recipe to fit one CPU thread).
 BUDGET = {
@@ -140,14 +142,41 @@ def planned_runs(chosen: dict[str, float]) -> list[tuple[str, str, float, int]]:
     return list(dict.fromkeys(runs))
 
 
+def write_report(out: Path, chosen: dict[str, float], figure: Path) -> None:
+    """Tables (best and last epoch) and the plot over the runs at each method's chosen learning rate."""
+    selected = []
+    for path in sorted(out.rglob("results.json")):
+        config = json.loads(path.read_text())["config"]
+        if config["lr"] == chosen[config["method"]]:
+            selected.append(path)
+    if not selected:
+        print("no finished runs at the chosen learning rates yet")
+        return
+    for which in ("best", "last"):
+        table = report(
+            selected,
+            keys=f"_{which}$",
+            output=out / f"table_{which}.md",
+            json_path=out / f"groups_{which}.json",
+        )
+        print(table)
+    report(selected, keys=r"(accuracy|mcc|pearson)_best$", plot=figure)
+    print(f"{len(selected)} runs; tables in {out}, plot {figure}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/glue")
     parser.add_argument("--out", type=Path, default=Path("results/glue"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the budget assumes 1)")
     parser.add_argument("--plan", action="store_true", help="print the runs and exit")
+    parser.add_argument("--report-only", action="store_true", help="only write the tables and the plot")
+    parser.add_argument("--figure", type=Path, default=Path("docs/figures/glue_score_vs_params.png"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.report_only:
+        write_report(args.out, json.loads((args.out / "lr_choice.json").read_text()), args.figure)
+        return 0
     chosen = lr_search(args.out, args.data_dir, dry=args.plan)
     print(f"learning rates: {chosen}", flush=True)
     for task, label, lr, seed in planned_runs(chosen):
@@ -155,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task} | {label} | lr={lr:g} | seed={seed}")
         else:
             run_one(args.out, args.data_dir, task, label, lr, seed)
+    if not args.plan:
+        write_report(args.out, chosen, args.figure)
     return 0
 
 

@@ -206,7 +206,12 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``melora report``."""
-    parser = subparsers.add_parser("report", help="aggregate results.json files", description=__doc__)
+    parser = subparsers.add_parser(
+        "report",
+        help="aggregate results.json files",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("runs", nargs="+", help="run folders, results.json files or folders to search")
     parser.add_argument("--keys", default=None, help="regex selecting summary keys, e.g. '_best$'")
     parser.add_argument("--output", default=None, help="write the markdown table here")

@@ -363,7 +363,12 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``melora glue``."""
-    parser = subparsers.add_parser("glue", help="fine-tune on a GLUE task", description=__doc__)
+    parser = subparsers.add_parser(
+        "glue",
+        help="fine-tune on a GLUE task",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--task", choices=sorted(TASKS), default=None, help="GLUE task (or set it in --config)"
     )
