@@ -38,6 +38,35 @@ def _case_table(case: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _kernel_ratio_table(case: dict[str, Any]) -> list[str]:
+    """Kernel level: each variant's training path (forward + backward) over LoRA(r)'s, paired per repeat."""
+    rows = {row["label"]: row for row in case["rows"]}
+    pairs = list(
+        dict.fromkeys(
+            (row["method"]["r"], row["method"]["n"]) for row in case["rows"] if row["method"]["impl"]
+        )
+    )
+    variants = list(dict.fromkeys(row["method"]["impl"] for row in case["rows"] if row["method"]["impl"]))
+    lines = [
+        f"{case['case']}: adapter forward + backward time over LoRA(r)'s (LoRA(r) in ms)",
+        "",
+        "| r, n | " + " | ".join(variants) + " | LoRA(n*r) | LoRA(r) ms |",
+        "|---|" + "---:|" * (len(variants) + 2),
+    ]
+    for r, n in pairs:
+        reference = rows[f"lora r={r}"]["times_s"]["train"]
+        labels = [f"melora[{v}] r={r} n={n}" for v in variants] + [f"lora r={n * r}"]
+        ratios = [
+            statistics.median(a / b for a, b in zip(rows[x]["times_s"]["train"], reference)) for x in labels
+        ]
+        lines.append(
+            f"| {r}, {n} | "
+            + " | ".join(f"{v:.2f}" for v in ratios)
+            + f" | {1e3 * statistics.median(reference):.1f} |"
+        )
+    return lines + [""]
+
+
 def targets_table(targets: list[dict[str, Any]]) -> list[str]:
     lines = ["| case | MELoRA | check | value | target | met |", "|---|---|---|---:|---|---|"]
     for t in targets:
@@ -65,6 +94,10 @@ def render_markdown(results: dict[str, Any]) -> str:
     ]
     for case in results["cases"]:
         lines += _case_table(case)
+    if cfg["level"] == "kernel":
+        for case in results["cases"]:
+            lines += _kernel_ratio_table(case)
+        return "\n".join(lines)
     lines += ["Targets:", "", *targets_table(results["targets"]), ""]
     return "\n".join(lines)
 
