@@ -44,6 +44,9 @@ RUNS = (
     Run("melora-r2-n4-s42", ("--method", "melora", "--r", "2", "--n", "4"), 42),
     Run("lora-r64-s43", ("--method", "lora", "--r", "64"), 43),
     Run("melora-r1-n8-s43", ("--method", "melora", "--r", "1", "--n", "8"), 43),
+    Run("lora-r64-s44", ("--method", "lora", "--r", "64"), 44),
+    Run("melora-r1-n8-s44", ("--method", "melora", "--r", "1", "--n", "8"), 44),
+    Run("melora-r1-n32-s42", ("--method", "melora", "--r", "1", "--n", "32"), 42),
 )
 BASE = "base"
 # task -> (limit, max_new_tokens); the same subsample for every model
@@ -190,9 +193,12 @@ def collect(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+HEADLINE = ("mmlu/acc", "bbh/em", "humaneval/pass@1")
+
+
 def metric_columns(rows: list[dict]) -> list[str]:
-    fixed = {"name", "label", "seed", "trainable_params", "equivalent_rank", "heldout_loss", "train_time_s"}
-    return sorted({key for row in rows for key in row} - fixed)
+    """The headline eval metrics present in any row, in a fixed order."""
+    return [key for key in HEADLINE if any(key in row for row in rows)]
 
 
 def _fmt(value, digits: int = 3) -> str:
