@@ -209,6 +209,14 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _mean_sd(entry: dict, key: str, digits: int) -> str:
+    """``mean`` for one value, ``mean ± sample sd`` for several."""
+    values = entry[key + "_values"]
+    if len(values) < 2:
+        return _fmt(entry[key], digits)
+    return f"{entry[key]:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def grouped(rows: list[dict], metrics: list[str]) -> list[dict]:
     """Mean over seeds per label (with the per-seed values listed)."""
     groups: dict[str, list[dict]] = {}
@@ -240,7 +248,7 @@ def render_tables(rows: list[dict], args: argparse.Namespace) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for entry in grouped(rows, metrics):
         cells = [entry["label"], ",".join(_fmt(s) for s in entry["seeds"]), _fmt(entry["trainable_params"]),
-                 _fmt(entry["heldout_loss"], 4), *(_fmt(entry[m]) for m in metrics)]  # fmt: skip
+                 _mean_sd(entry, "heldout_loss", 4), *(_mean_sd(entry, m, 3) for m in metrics)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
