@@ -254,41 +254,64 @@ def render_tables(rows: list[dict], args: argparse.Namespace) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Each metric against trainable parameters (log x): mean over seeds, bars = sample sd."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = ["heldout_loss", *metric_columns(rows)]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 3.4), squeeze=False)
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6.4), squeeze=False)
     colours = {"lora": "tab:blue", "melora": "tab:red"}
-    for ax, metric in zip(axes[0], metrics):
-        for row in rows:
-            if row.get(metric) is None:
+    for ax, metric in zip(axes.flat, metrics):
+        for entry in grouped(rows, metrics):
+            values = entry[metric + "_values"]
+            if not values:
                 continue
-            if row["name"] == BASE:
-                ax.axhline(row[metric], color="grey", linestyle="--", label="base")
+            if entry["label"].startswith("base"):
+                ax.axhline(entry[metric], color="grey", linestyle="--")
                 continue
-            method = row["label"].split()[0]
-            ax.scatter(row["trainable_params"], row[metric], color=colours.get(method, "k"), s=25)
-            ax.annotate(row["label"].split(" ", 1)[1], (row["trainable_params"], row[metric]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")  # fmt: skip
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            method, config = entry["label"].split(" ", 1)
+            ax.errorbar(entry["trainable_params"], entry[metric], yerr=sd, fmt="o", ms=5, capsize=3,
+                        color=colours.get(method, "k"))  # fmt: skip
+            note = f"{config} ({len(values)} seeds)" if len(values) > 1 else config
+            ax.annotate(note, (entry["trainable_params"], entry[metric]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
-        ax.set_title(metric, fontsize=9)
+        ax.set_title(metric.replace("heldout_loss", "held-out Alpaca loss (lower is better)"), fontsize=9)
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colours.items()]
-    handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="base"))
+    handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="base (untuned)"))
     axes[0][0].legend(handles=handles, fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct on an Alpaca subset: LoRA (blue) vs MELoRA (red)", fontsize=10)
+    fig.suptitle("SmolLM2-135M-Instruct, 128 Alpaca examples x 1 epoch: LoRA vs MELoRA", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def paired_table(rows: list[dict], a: str = "melora r=1 n=8", b: str = "lora r=64") -> str:
+    """Per-seed differences ``a - b`` for the paper's pairing (same seed = same data order)."""
+    by_seed = {(row["label"], row["seed"]): row for row in rows}
+    seeds = sorted(seed for label, seed in by_seed if label == a and (b, seed) in by_seed)
+    if not seeds:
+        return ""
+    metrics = ["heldout_loss", *metric_columns(rows)]
+    lines = [f"Paired by seed, {a} minus {b}:", "", "| seed | " + " | ".join(metrics) + " |",
+             "|---|" + "---:|" * len(metrics)]  # fmt: skip
+    for seed in seeds:
+        cells = []
+        for metric in metrics:
+            left, right = by_seed[(a, seed)].get(metric), by_seed[(b, seed)].get(metric)
+            cells.append(_fmt(None if left is None or right is None else left - right, 4))
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def summarise(args: argparse.Namespace) -> list[Path]:
     rows = collect(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = render_tables(rows, args)
+    table = render_tables(rows, args) + "\n" + paired_table(rows)
     (args.out / "summary.md").write_text(table)
     json_rows = {"rows": rows, "groups": grouped(rows, metric_columns(rows)), "settings": settings(args)}
     (args.out / "study.json").write_text(json.dumps(json_rows, indent=2) + "\n")
