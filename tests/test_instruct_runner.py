@@ -32,6 +32,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return subparsers.choices["instruct"].parse_args(argv)
 
 
+def authors_preset() -> InstructOptions:
+    preset = REPO / "configs" / "instruct" / "alpaca_llama2_7b.yaml"
+    return options_from_args(parse(["--config", str(preset), "--data", "d", "--output-dir", "o"]))
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64, GQA: v_proj 64 -> 32) with a 300-token BPE tokenizer, saved to disk."""
@@ -91,18 +96,7 @@ def test_presets_resolve_and_flags_override(preset):
 
 
 def test_authors_preset_matches_the_paper_recipe():
-    options = options_from_args(
-        parse(
-            [
-                "--config",
-                str(REPO / "configs/instruct/alpaca_llama2_7b.yaml"),
-                "--data",
-                "d",
-                "--output-dir",
-                "o",
-            ]
-        )
-    )
+    options = authors_preset()
     assert (options.lr, options.epochs, options.warmup_steps, options.train_on_inputs) == (3e-4, 3, 100, True)
     assert options.effective_batch_size * 8 == 128  # 8 GPUs
     assert (options.method, options.r, options.n) == ("melora", 1, 8)
@@ -188,18 +182,7 @@ def test_accelerate_configs_parse_and_match_the_preset(path):
 
     config = load_config_from_file(str(path))
     assert config.mixed_precision == "bf16" and config.num_processes == 8
-    preset = options_from_args(
-        parse(
-            [
-                "--config",
-                str(REPO / "configs/instruct/alpaca_llama2_7b.yaml"),
-                "--data",
-                "d",
-                "--output-dir",
-                "o",
-            ]
-        )
-    )
+    preset = authors_preset()
     if config.deepspeed_config:
         assert config.deepspeed_config["gradient_accumulation_steps"] == preset.grad_accum
     assert preset.effective_batch_size * config.num_processes == 128

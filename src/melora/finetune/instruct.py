@@ -193,14 +193,12 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
-def _param_summary(model: torch.nn.Module, method: str) -> dict[str, Any]:
-    if method == "full":
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return {"trainable_params": trainable, "equivalent_rank": None}
+def _param_summary(model: torch.nn.Module) -> dict[str, Any]:
+    """Trainable / total parameters and equivalent rank (None for full fine-tuning)."""
     from melora import adapter_summary
 
     summary = adapter_summary(model)
-    return {"trainable_params": summary["trainable_params"], "equivalent_rank": summary["equivalent_rank"]}
+    return {key: summary[key] for key in ("trainable_params", "total_params", "equivalent_rank")}
 
 
 def run_instruct(options: InstructOptions) -> dict[str, Any]:
@@ -235,7 +233,7 @@ def run_instruct(options: InstructOptions) -> dict[str, Any]:
         task_type="CAUSAL_LM",
     )
     model = apply_method(model, peft_config)
-    params = _param_summary(model, options.method)
+    params = _param_summary(model)
     logger.info(
         "%s: %d train / %d held-out examples, %s trainable parameters",
         options.run_label(),
