@@ -142,7 +142,7 @@ def _layer_axes(results: dict[str, Any], axes) -> None:
 
 
 def _e2e_axes(results: dict[str, Any], axes) -> None:
-    """Bars per configuration: train step relative to the base (left) and peak memory (right), per model."""
+    """Bars per configuration: train step relative to the base (left), peak memory above the base's (right)."""
     cases = results["cases"]
     width = 0.8 / max(len(cases), 1)
     labels = list(dict.fromkeys(row["label"] for case in cases for row in case["rows"]))
@@ -159,11 +159,12 @@ def _e2e_axes(results: dict[str, Any], axes) -> None:
                 for x in present
             ]
             axes[0].bar(xs, ratios, width, label=case["case"])
-        if all("memory" in rows[x] for x in present):
-            axes[1].bar(xs, [rows[x]["memory"]["peak_mb"] for x in present], width, label=case["case"])
+        if base and all("memory" in rows[x] for x in present):
+            extra = [rows[x]["memory"]["peak_mb"] - base["memory"]["peak_mb"] for x in present]
+            axes[1].bar(xs, extra, width, label=case["case"])
     for ax, ylabel, title in (
         (axes[0], "train step / frozen base", "Step time"),
-        (axes[1], "peak MB", "Memory"),
+        (axes[1], "peak MB above the frozen base's", "Memory"),
     ):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=45, ha="right")
         ax.set(ylabel=ylabel, title=title)
