@@ -106,7 +106,7 @@ def test_authors_preset_matches_the_paper_recipe():
     ("flags", "label", "rank"),
     [
         (["--method", "melora", "--r", "1", "--n", "8"], "melora r=1 n=8", 8),
-        (["--method", "lora", "--r", "4"], "lora r=4", 4),
+        (["--method", "lora", "--r", "4", "--gradient-checkpointing", "--grad-accum", "2"], "lora r=4", 4),
     ],
 )
 def test_tiny_end_to_end_run(tmp_path, tiny_model_dir, alpaca_file, flags, label, rank):
