@@ -1,15 +1,20 @@
 """Instruction-tuning study at CPU scale: SmolLM2-135M-Instruct on an Alpaca subset.
 
-Compares the untuned base, LoRA r=64 / r=8 and MELoRA r=1 n=8 / r=2 n=4 (LoRA r=64 and MELoRA r=1 n=8
-with two seeds), all with the same data, steps and learning rate, on held-out Alpaca loss, MMLU, BBH and
-HumanEval (the same subsample for every model). Resumable: a step whose results.json exists is skipped,
-so re-running the same command continues where it stopped.
+Compares the untuned base, LoRA r=64 / r=8 and MELoRA r=1 n=8 / r=2 n=4 / r=1 n=32 with the same data
+and steps on held-out Alpaca loss, MMLU, BBH and HumanEval (the same subsample for every model), twice:
+at one shared learning rate (``--lr``, 1e-3; the paper's pair with seeds 42-44) and after a per-method
+learning-rate search (seed 42 over SEARCH_LRS, plus EDGE_LR when the best lr is the top of the grid,
+selected by held-out loss; the paper's pair then runs seeds 42-44 at its selected lr). The held-out
+split serves both for selecting the lr and for reporting, identically for every method. Resumable: a
+step whose results.json exists is skipped, so re-running the same command continues where it stopped.
 
     python scripts/instruct_study.py --data-dir ../shared/data --out results/instruct [--commit]
 
-Phases: 1) train every run (``melora instruct`` in a subprocess, one thread), 2) evaluate the base and
-every adapter (``melora.eval.runner.run_eval``, waiting for it to exist), 3) write ``summary.md``,
-``study.json`` and ``instruct_study.png`` under ``--out``.
+Phases: 1) ``train``: the shared-lr runs; 2) ``search``: the lr search of the paper's pair, its tuned
+seeds, then the lr search of the other methods (``tuned`` runs only the tuned seeds); each run is
+``melora instruct`` in a subprocess on one thread; 3) ``eval``: the base and every adapter
+(``melora.eval.runner.run_eval``); 4) ``summary``: ``summary.md``, ``study.json`` and the plots
+``instruct_study.png``, ``instruct_tuned.png`` and ``instruct_lr_search.png`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -30,11 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Run:
-    """One training run: a directory name, the method flags and the training seed."""
+    """One training run: a directory name, the method flags, the seed and the lr (None: the study's --lr)."""
 
     name: str
     flags: tuple[str, ...]
     seed: int
+    lr: float | None = None
 
 
 RUNS = (
@@ -49,6 +55,20 @@ RUNS = (
     Run("melora-r1-n32-s42", ("--method", "melora", "--r", "1", "--n", "32"), 42),
 )
 BASE = "base"
+# learning-rate search: each method at seed 42 over SEARCH_LRS (the shared-lr runs above are its 1e-3
+# points); a method whose best lr is the grid's top edge gets EDGE_LR too. MAIN is the paper's pair,
+# searched first and then trained at its selected lr for TUNED_SEEDS.
+METHODS = {
+    "lora-r64": ("--method", "lora", "--r", "64"),
+    "melora-r1-n8": ("--method", "melora", "--r", "1", "--n", "8"),
+    "lora-r8": ("--method", "lora", "--r", "8"),
+    "melora-r2-n4": ("--method", "melora", "--r", "2", "--n", "4"),
+}
+MAIN = ("lora-r64", "melora-r1-n8")
+SEARCH_LRS = (3e-4, 1e-3, 3e-3)
+EDGE_LR = 1e-2
+SEARCH_SEED = 42
+TUNED_SEEDS = (42, 43, 44)
 # task -> (limit, max_new_tokens); the same subsample for every model
 EVAL_TASKS = {"mmlu": (1, None), "bbh": (1, None), "humaneval": (10, 160)}
 
@@ -91,7 +111,7 @@ def train(run: Run, args: argparse.Namespace, first: bool) -> None:
     command = [
         sys.executable, "-m", "melora.finetune.instruct", "--config", str(args.preset),
         "--data", str(args.data_dir / "instruct" / "alpaca"), "--output-dir", str(out),
-        "--max-samples", str(args.max_samples), "--val-size", str(args.val_size), "--lr", str(args.lr),
+        "--max-samples", str(args.max_samples), "--val-size", str(args.val_size), "--lr", str(run.lr or args.lr),
         "--seed", str(run.seed), "--threads", "1", "--no-progress", *run.flags,
     ]  # fmt: skip
     if not first:
@@ -105,6 +125,53 @@ def train(run: Run, args: argparse.Namespace, first: bool) -> None:
     log(f"train {run.name}: {json.loads((out / 'results.json').read_text())['summary']}")
     if args.commit:
         commit([out / "results.json"], f"instruct study: train {run.name}")
+
+
+def method_run(method: str, seed: int, lr: float, args: argparse.Namespace) -> Run:
+    """The run of ``method`` at ``seed`` and ``lr``; at the study's shared lr it is the existing run."""
+    if lr == args.lr:
+        return Run(f"{method}-s{seed}", METHODS[method], seed)
+    return Run(f"{method}-s{seed}-lr{lr:g}", METHODS[method], seed, lr)
+
+
+def heldout_loss(run: Run, args: argparse.Namespace) -> float | None:
+    result = _read(args.out / "runs" / run.name / "results.json")
+    return result["summary"].get("instruct/heldout_loss") if result else None
+
+
+def search_grid(method: str, args: argparse.Namespace) -> dict[float, float | None]:
+    """lr -> seed-42 held-out loss (None: not run yet), with EDGE_LR once it exists or is due."""
+    grid = {lr: heldout_loss(method_run(method, SEARCH_SEED, lr, args), args) for lr in SEARCH_LRS}
+    edge = heldout_loss(method_run(method, SEARCH_SEED, EDGE_LR, args), args)
+    if edge is not None or (None not in grid.values() and min(grid, key=grid.get) == max(SEARCH_LRS)):
+        grid[EDGE_LR] = edge
+    return grid
+
+
+def selected_lr(method: str, args: argparse.Namespace) -> float | None:
+    """The lr with the lowest seed-42 held-out loss, once the whole (extended) grid has run."""
+    grid = search_grid(method, args)
+    return None if None in grid.values() else min(grid, key=grid.get)
+
+
+def search(methods: tuple[str, ...], args: argparse.Namespace) -> None:
+    """Train each method over the lr grid at seed 42, then the edge point if the best lr is the top one."""
+    for method in methods:
+        for lr in SEARCH_LRS:
+            train(method_run(method, SEARCH_SEED, lr, args), args, first=False)
+        if args.extend_edge and EDGE_LR in search_grid(method, args):
+            train(method_run(method, SEARCH_SEED, EDGE_LR, args), args, first=False)
+        log(f"lr search {method}: {search_grid(method, args)} -> {selected_lr(method, args)}")
+
+
+def tuned_runs(args: argparse.Namespace) -> list[Run]:
+    """The paper's pair at each method's selected lr for every tuned seed (empty until selected)."""
+    runs = []
+    for method in MAIN:
+        lr = selected_lr(method, args)
+        if lr is not None:
+            runs += [method_run(method, seed, lr, args) for seed in TUNED_SEEDS]
+    return runs
 
 
 def wait_for_eval(args: argparse.Namespace) -> None:
@@ -166,21 +233,28 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def collect(args: argparse.Namespace) -> list[dict]:
-    """One row per model: label, seed, params, held-out loss, train time and every eval metric."""
+def collect(args: argparse.Namespace, runs: tuple[Run, ...] = RUNS, lr_in_label: bool = False) -> list[dict]:
+    """One row per model (the base, then ``runs``): label, seed, params, held-out loss, train time, evals.
+
+    ``lr_in_label`` (the tuned comparison) puts the run's lr in its label, e.g. ``lora r=64 lr=0.003``.
+    """
     rows = []
     train_results = {run.name: _read(args.out / "runs" / run.name / "results.json") for run in RUNS}
+    train_results.update({run.name: _read(args.out / "runs" / run.name / "results.json") for run in runs})
     base_loss = next(
         (r["summary"]["instruct/heldout_loss_base"] for r in train_results.values()
          if r and "instruct/heldout_loss_base" in r["summary"]), None,
     )  # fmt: skip
-    names = [BASE, *(run.name for run in RUNS)]
+    names = [BASE, *(run.name for run in runs)]
     for name in names:
         trained = train_results.get(name)
         row = {"name": name, "label": "base (untuned)", "seed": None, "trainable_params": 0,
                "equivalent_rank": None, "heldout_loss": base_loss, "train_time_s": None}  # fmt: skip
         if trained:
-            row.update(label=trained["label"], seed=trained["seed"], trainable_params=trained["trainable_params"],
+            label = trained["label"]
+            if lr_in_label:
+                label += f" lr={trained['config']['lr']:g}"
+            row.update(label=label, seed=trained["seed"], trainable_params=trained["trainable_params"],
                        equivalent_rank=trained["equivalent_rank"], train_time_s=trained["wall_time_s"],
                        heldout_loss=trained["summary"].get("instruct/heldout_loss"))  # fmt: skip
         elif name != BASE:
@@ -253,7 +327,7 @@ def render_tables(rows: list[dict], args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str) -> None:
     """Each metric against trainable parameters (log x): mean over seeds, bars = sample sd."""
     import matplotlib
 
@@ -284,7 +358,9 @@ def plot(rows: list[dict], path: Path) -> None:
     handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=m) for m, c in colours.items()]
     handles.append(plt.Line2D([], [], color="grey", linestyle="--", label="base (untuned)"))
     axes[0][0].legend(handles=handles, fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct, 128 Alpaca examples x 1 epoch: LoRA vs MELoRA", fontsize=10)
+    fig.suptitle(
+        f"SmolLM2-135M-Instruct, 128 Alpaca examples x 1 epoch: LoRA vs MELoRA, {title}", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -305,19 +381,84 @@ def paired_table(rows: list[dict], a: str = "melora r=1 n=8", b: str = "lora r=6
             left, right = by_seed[(a, seed)].get(metric), by_seed[(b, seed)].get(metric)
             cells.append(_fmt(None if left is None or right is None else left - right, 4))
         lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    if len(seeds) > 1:
+        cells = []
+        for metric in metrics:
+            pairs = [(by_seed[(a, seed)].get(metric), by_seed[(b, seed)].get(metric)) for seed in seeds]
+            diffs = [left - right for left, right in pairs if left is not None and right is not None]
+            cells.append(
+                f"{statistics.fmean(diffs):.4f} ± {statistics.stdev(diffs):.4f}" if len(diffs) > 1 else "-"
+            )
+        lines.append("| mean ± sd | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def search_table(args: argparse.Namespace) -> str:
+    """Method x lr -> seed-42 held-out loss, with each method's selected lr."""
+    lrs = [*SEARCH_LRS, EDGE_LR]
+    head = ["method", "trainable params", *(f"lr {lr:g}" for lr in lrs), "selected lr"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for method in METHODS:
+        grid = search_grid(method, args)
+        result = _read(
+            args.out / "runs" / method_run(method, SEARCH_SEED, args.lr, args).name / "results.json"
+        )
+        params = result["trainable_params"] if result else None
+        best = selected_lr(method, args)
+        cells = [method, _fmt(params), *(_fmt(grid.get(lr), 4) if lr in grid else "" for lr in lrs)]
+        lines.append("| " + " | ".join([*cells, "-" if best is None else f"{best:g}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_search(args: argparse.Namespace, path: Path) -> None:
+    """Seed-42 held-out loss against lr (log x), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for method in METHODS:
+        points = sorted((lr, loss) for lr, loss in search_grid(method, args).items() if loss is not None)
+        if points:
+            style = "-" if method.startswith("lora") else "--"
+            ax.plot(*zip(*points), style, marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("held-out Alpaca loss (seed 42)")
+    ax.legend(fontsize=8)
+    ax.set_title("lr search: SmolLM2-135M, 128 examples, 16 steps", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def summarise(args: argparse.Namespace) -> list[Path]:
     rows = collect(args)
+    tuned = collect(args, tuple(tuned_runs(args)), lr_in_label=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    table = render_tables(rows, args) + "\n" + paired_table(rows)
+    pair = [f"{row['label']}" for row in tuned if row["seed"] == SEARCH_SEED]
+    sections = ["## Learning-rate search (seed 42, held-out loss)\n", search_table(args)]
+    if len(pair) == 2:
+        sections += ["## Tuned comparison (each method at its selected lr)\n", render_tables(tuned, args)]
+        sections += ["", paired_table(tuned, a=pair[1], b=pair[0])]
+    sections += ["## Shared lr 1e-3 (untuned)\n", render_tables(rows, args), "", paired_table(rows)]
+    table = "\n".join(sections)
     (args.out / "summary.md").write_text(table)
-    json_rows = {"rows": rows, "groups": grouped(rows, metric_columns(rows)), "settings": settings(args)}
+    json_rows = {"rows": rows, "groups": grouped(rows, metric_columns(rows)),
+                 "lr_search": {m: {f"{lr:g}": loss for lr, loss in search_grid(m, args).items()} for m in METHODS},
+                 "selected_lr": {m: selected_lr(m, args) for m in METHODS},
+                 "tuned_rows": tuned, "tuned_groups": grouped(tuned, metric_columns(tuned)),
+                 "settings": settings(args)}  # fmt: skip
     (args.out / "study.json").write_text(json.dumps(json_rows, indent=2) + "\n")
-    plot(rows, args.out / "instruct_study.png")
+    plot(rows, args.out / "instruct_study.png", "shared lr 1e-3")
+    paths = [args.out / "summary.md", args.out / "study.json", args.out / "instruct_study.png"]
+    if len(pair) == 2:
+        plot(tuned, args.out / "instruct_tuned.png", "each at its selected lr")
+        paths.append(args.out / "instruct_tuned.png")
+    plot_search(args, args.out / "instruct_lr_search.png")
     print(table)
-    return [args.out / "summary.md", args.out / "study.json", args.out / "instruct_study.png"]
+    return [*paths, args.out / "instruct_lr_search.png"]
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -337,7 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--wait-eval-s", type=float, default=3600)
-    parser.add_argument("--phase", choices=["all", "train", "eval", "summary"], default="all")
+    parser.add_argument(
+        "--phase", choices=["all", "search", "tuned", "train", "eval", "summary"], default="all"
+    )
+    parser.add_argument(
+        "--extend-edge",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"train {EDGE_LR:g} for a method whose best lr is the grid's top edge",
+    )
     parser.add_argument("--commit", action="store_true", help="git-commit each result file as it arrives")
     parser.add_argument("--eval-one", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -353,11 +502,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.phase in ("all", "train"):
         for index, run in enumerate(RUNS):
             train(run, args, first=index == 0)
+    if args.phase in ("all", "search"):
+        search(MAIN, args)
+    if args.phase in ("all", "search", "tuned"):
+        for run in tuned_runs(args):
+            train(run, args, first=False)
+    if args.phase in ("all", "search"):
+        search(tuple(m for m in METHODS if m not in MAIN), args)
     if args.phase in ("all", "eval"):
         wait_for_eval(args)
         for task in EVAL_TASKS:
             evaluate(BASE, None, task, args)
-            for run in RUNS:
+            for run in dict.fromkeys([*RUNS, *tuned_runs(args)]):
                 adapter = args.out / "runs" / run.name / "adapter"
                 if adapter.is_dir():
                     evaluate(run.name, adapter, task, args)
