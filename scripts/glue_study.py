@@ -5,9 +5,11 @@
     python scripts/glue_study.py --report-only   # tables + plot from the runs finished so far
 
 Stages, in order: (1) a learning-rate search on STS-B (a regression task, so every run gives a
-graded score), the same 3-point grid (x3 apart) around each method's centre, seed 0; (2) LoRA r=8 and MELoRA r=1 n=8 on every task, seeds 0-2, each at its method's
-best STS-B learning rate, plus full fine-tuning (seed 0); (3) the ablation over n at r=1 on STS-B
-and MELoRA at other (r, n). A run whose results.json exists is skipped, so rerunning resumes the study.
+graded score), the same 3-point grid (x3 apart) around each method's centre, seed 0; (2) LoRA r=8
+and MELoRA r=1 n=8 on every task, seeds 0-2, each at its method's best STS-B learning rate, plus
+full fine-tuning (seed 0); (3) the ablation over n at r=1 on STS-B and MELoRA at other (r, n);
+(4) LoRA and MELoRA on STS-B with 3x the training data, seeds 0-2. A run whose results.json
+exists is skipped, so rerunning resumes the study.
 Every method gets the same budget per task (train subset, epochs, max length, batch size).
 """
 
@@ -33,6 +35,9 @@ BUDGET = {
 }
 # The pooler (dense + tanh on [CLS]) trains with the classifier: together they are BERT's counterpart of
 # RoBERTa's classification head (dense + tanh + out_proj), which the paper trains in full.
+# Stage 4: does the LoRA / MELoRA gap on STS-B change with 3x the training data (same 2 epochs)?
+LONG_FOLDER, LONG_TASK = "stsb-3x", "stsb"
+LONG_BUDGET = {**BUDGET["stsb"], "max_train_samples": 3000}
 COMMON = {
     "batch_size": 16,
     "eval_batch_size": 64,
@@ -73,13 +78,15 @@ def method_of(label: str) -> dict:
     return {"method": "melora", "r": r, "n": n}
 
 
-def run_one(out: Path, data_dir: str, task: str, label: str, lr: float, seed: int) -> dict:
-    """Run (or load, when finished before) one run; returns its results."""
-    target = run_dir(out, task, label, lr, seed)
+def run_one(
+    out: Path, data_dir: str, task: str, label: str, lr: float, seed: int, long: bool = False
+) -> dict:
+    """Run (or load, when finished before) one run; ``long`` uses the stage-4 budget. Returns its results."""
+    target = run_dir(out, LONG_FOLDER if long else task, label, lr, seed)
     results_file = target / "results.json"
     if results_file.is_file():
         return json.loads(results_file.read_text())
-    options = {**COMMON, **BUDGET[task], **method_of(label)}
+    options = {**COMMON, **(LONG_BUDGET if long else BUDGET[task]), **method_of(label)}
     cfg = GlueRunConfig(
         task=task,
         output_dir=str(target),
@@ -144,11 +151,11 @@ def planned_runs(chosen: dict[str, float]) -> list[tuple[str, str, float, int]]:
 
 def write_report(out: Path, chosen: dict[str, float], figure: Path) -> None:
     """Tables (best and last epoch) and the plot over the runs at each method's chosen learning rate."""
-    selected = []
+    selected, long = [], []
     for path in sorted(out.rglob("results.json")):
         config = json.loads(path.read_text())["config"]
         if config["lr"] == chosen[config["method"]]:
-            selected.append(path)
+            (long if LONG_FOLDER in path.parts else selected).append(path)
     if not selected:
         print("no finished runs at the chosen learning rates yet")
         return
@@ -160,8 +167,10 @@ def write_report(out: Path, chosen: dict[str, float], figure: Path) -> None:
             json_path=out / f"groups_{which}.json",
         )
         print(table)
+    if long:
+        print(report(long, keys="_best$", output=out / f"table_{LONG_FOLDER}.md"))
     report(selected, keys=r"(accuracy|mcc|pearson)_best$", plot=figure)
-    print(f"{len(selected)} runs; tables in {out}, plot {figure}")
+    print(f"{len(selected) + len(long)} runs; tables in {out}, plot {figure}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{task} | {label} | lr={lr:g} | seed={seed}")
         else:
             run_one(args.out, args.data_dir, task, label, lr, seed)
+    for seed in SEEDS:
+        for label in ("lora r=8", "melora r=1 n=8"):
+            lr = chosen[METHODS[label]["method"]]
+            if args.plan:
+                print(f"{LONG_FOLDER} | {label} | lr={lr:g} | seed={seed}")
+            else:
+                run_one(args.out, args.data_dir, LONG_TASK, label, lr, seed, long=True)
     if not args.plan:
         write_report(args.out, chosen, args.figure)
     return 0
