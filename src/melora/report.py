@@ -101,6 +101,11 @@ def aggregate(runs: list[dict[str, Any]], keys: str | None = None) -> list[Group
     return list(groups.values())
 
 
+def _natural_key(text: str) -> list:
+    """Sort key that puts ``n=4`` before ``n=16``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
 def _params_text(params: list[int]) -> str:
     if not params:
         return "-"
@@ -119,8 +124,9 @@ def markdown_tables(groups: list[Group]) -> str:
         cells = {(g.label, g.metric): g for g in kind_groups}
         labels = sorted(
             {g.label for g in kind_groups},
-            key=lambda label: min(
-                (p for g in kind_groups if g.label == label for p in g.trainable_params), default=0
+            key=lambda label: (
+                min((p for g in kind_groups if g.label == label for p in g.trainable_params), default=0),
+                _natural_key(label),
             ),
         )
         lines = [
@@ -153,7 +159,7 @@ def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
     cols = min(3, len(metrics))
     rows = math.ceil(len(metrics) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
-    labels = sorted({g.label for g in plotted})
+    labels = sorted({g.label for g in plotted}, key=_natural_key)
     colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
     for ax, metric in zip(axes.flat, metrics):
         for g in (g for g in plotted if g.metric == metric):
