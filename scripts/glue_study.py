@@ -169,7 +169,10 @@ def write_report(out: Path, chosen: dict[str, float], figure: Path) -> None:
         print(table)
     if long:
         print(report(long, keys="_best$", output=out / f"table_{LONG_FOLDER}.md"))
-    report(selected, keys=r"(accuracy|mcc|pearson)_best$", plot=figure)
+    ablation = [p for p in selected if p.parts[-5] == LR_TASK and p.parts[-4].startswith("melora-r1-n")]
+    print(report(ablation, keys="_best$", output=out / "table_ablation_n.md"))
+    others = [p for p in selected if p not in ablation or p.parts[-4] == "melora-r1-n8"]
+    report(others, keys=r"(accuracy|mcc|pearson)_best$", plot=figure)
     print(f"{len(selected) + len(long)} runs; tables in {out}, plot {figure}")
 
 
