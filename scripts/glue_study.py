@@ -159,20 +159,21 @@ def write_report(out: Path, chosen: dict[str, float], figure: Path) -> None:
     if not selected:
         print("no finished runs at the chosen learning rates yet")
         return
+    ablation = [p for p in selected if p.parts[-5] == LR_TASK and p.parts[-4].startswith("melora-r1-n")]
+    main_runs = [p for p in selected if p not in ablation or p.parts[-4] == "melora-r1-n8"]
     for which in ("best", "last"):
-        table = report(
-            selected,
-            keys=f"_{which}$",
-            output=out / f"table_{which}.md",
-            json_path=out / f"groups_{which}.json",
+        print(
+            report(
+                main_runs,
+                keys=f"_{which}$",
+                output=out / f"table_{which}.md",
+                json_path=out / f"groups_{which}.json",
+            )
         )
-        print(table)
+    print(report(ablation, keys="_best$", output=out / "table_ablation_n.md"))
     if long:
         print(report(long, keys="_best$", output=out / f"table_{LONG_FOLDER}.md"))
-    ablation = [p for p in selected if p.parts[-5] == LR_TASK and p.parts[-4].startswith("melora-r1-n")]
-    print(report(ablation, keys="_best$", output=out / "table_ablation_n.md"))
-    others = [p for p in selected if p not in ablation or p.parts[-4] == "melora-r1-n8"]
-    report(others, keys=r"(accuracy|mcc|pearson)_best$", plot=figure)
+    report(main_runs, keys=r"(accuracy|mcc|pearson)_best$", plot=figure)
     print(f"{len(selected) + len(long)} runs; tables in {out}, plot {figure}")
 
 
