@@ -165,13 +165,11 @@ def search(methods: tuple[str, ...], args: argparse.Namespace) -> None:
 
 
 def tuned_runs(args: argparse.Namespace) -> list[Run]:
-    """The paper's pair at each method's selected lr for every tuned seed (empty until selected)."""
-    runs = []
-    for method in MAIN:
-        lr = selected_lr(method, args)
-        if lr is not None:
-            runs += [method_run(method, seed, lr, args) for seed in TUNED_SEEDS]
-    return runs
+    """The paper's pair at its selected lrs, seed by seed (empty until both lrs are selected)."""
+    selected = {method: selected_lr(method, args) for method in MAIN}
+    if None in selected.values():
+        return []
+    return [method_run(method, seed, selected[method], args) for seed in TUNED_SEEDS for method in MAIN]
 
 
 def wait_for_eval(args: argparse.Namespace) -> None:
@@ -482,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         "--phase", choices=["all", "search", "tuned", "train", "eval", "summary"], default="all"
     )
     parser.add_argument(
+        "--tasks", nargs="+", choices=list(EVAL_TASKS), default=list(EVAL_TASKS), help="eval tasks, in order"
+    )
+    parser.add_argument(
         "--extend-edge",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         search(tuple(m for m in METHODS if m not in MAIN), args)
     if args.phase in ("all", "eval"):
         wait_for_eval(args)
-        for task in EVAL_TASKS:
+        for task in args.tasks:
             evaluate(BASE, None, task, args)
             for run in dict.fromkeys([*RUNS, *tuned_runs(args)]):
                 adapter = args.out / "runs" / run.name / "adapter"
