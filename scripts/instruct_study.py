@@ -140,10 +140,14 @@ def heldout_loss(run: Run, args: argparse.Namespace) -> float | None:
 
 
 def search_grid(method: str, args: argparse.Namespace) -> dict[float, float | None]:
-    """lr -> seed-42 held-out loss (None: not run yet), with EDGE_LR once it exists or is due."""
+    """lr -> seed-42 held-out loss (None: not run yet), with EDGE_LR once it exists or is due.
+
+    EDGE_LR is due when the best lr is the grid's top one and ``args.extend_edge`` is set.
+    """
     grid = {lr: heldout_loss(method_run(method, SEARCH_SEED, lr, args), args) for lr in SEARCH_LRS}
     edge = heldout_loss(method_run(method, SEARCH_SEED, EDGE_LR, args), args)
-    if edge is not None or (None not in grid.values() and min(grid, key=grid.get) == max(SEARCH_LRS)):
+    at_edge = None not in grid.values() and min(grid, key=grid.get) == max(SEARCH_LRS)
+    if edge is not None or (at_edge and args.extend_edge):
         grid[EDGE_LR] = edge
     return grid
 
@@ -159,7 +163,7 @@ def search(methods: tuple[str, ...], args: argparse.Namespace) -> None:
     for method in methods:
         for lr in SEARCH_LRS:
             train(method_run(method, SEARCH_SEED, lr, args), args, first=False)
-        if args.extend_edge and EDGE_LR in search_grid(method, args):
+        if EDGE_LR in search_grid(method, args):
             train(method_run(method, SEARCH_SEED, EDGE_LR, args), args, first=False)
         log(f"lr search {method}: {search_grid(method, args)} -> {selected_lr(method, args)}")
 
