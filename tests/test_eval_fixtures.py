@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tests.tiny_models import tiny_llama
 
 SPECIALS = ["<pad>", "<eos>"]
 MERGES = [("Ġ", "A"), ("Ġ", "B"), ("Ġ", "C"), ("Ġ", "D")]  # " A".." D" become single tokens
@@ -34,20 +36,7 @@ def tiny_lm() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A 2-layer, hidden-64 Llama over the tiny tokenizer, seeded, in eval mode."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(tokenizer, max_position_embeddings=4096).eval()
     return model, tokenizer
 
 

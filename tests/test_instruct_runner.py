@@ -11,6 +11,7 @@ import torch
 
 from melora.finetune.instruct import InstructOptions, add_parser, main, options_from_args
 from tests.test_instruct_data import build_tiny_tokenizer
+from tests.tiny_models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -40,24 +41,10 @@ def authors_preset() -> InstructOptions:
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer Llama (hidden 64, GQA: v_proj 64 -> 32) with a 300-token BPE tokenizer, saved to disk."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tokenizer = build_tiny_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(tokenizer, max_position_embeddings=512).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

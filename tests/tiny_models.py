@@ -41,17 +41,26 @@ def tiny_gpt2():
     return GPT2LMHeadModel(cfg)
 
 
-def tiny_llama():
+def tiny_llama(tokenizer=None, max_position_embeddings: int = 64):
+    """A 2-layer Llama, hidden 64, GQA (v_proj 64 -> 32); vocab 120, or the given tokenizer's with its ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    token_ids = {}
+    if tokenizer is not None:
+        token_ids = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": None,
+        }
     cfg = LlamaConfig(
+        vocab_size=120 if tokenizer is None else len(tokenizer),
         hidden_size=64,
-        intermediate_size=96,
+        intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=120,
-        max_position_embeddings=64,
+        max_position_embeddings=max_position_embeddings,
+        **token_ids,
     )
     return LlamaForCausalLM(cfg)
 
