@@ -68,6 +68,14 @@ def adapter_summary(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
+def parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
+    """The headline numbers of :func:`adapter_summary` (no per-module rows), as stored in results.json."""
+    summary = adapter_summary(model)
+    return {
+        key: summary[key] for key in ("trainable_params", "total_params", "adapter_params", "equivalent_rank")
+    }
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A readable multi-line table of :func:`adapter_summary`."""
     lines = [

@@ -211,17 +211,11 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 
 def _parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
-    from melora import adapter_summary
+    """parameter_counts plus a checksum of the trainable weights (distributed ranks and resumes must agree)."""
+    from melora.accounting import parameter_counts
 
-    summary = adapter_summary(model)
     checksum = sum(float(p.detach().double().abs().sum()) for p in model.parameters() if p.requires_grad)
-    return {
-        "trainable_params": summary["trainable_params"],
-        "adapter_params": summary["adapter_params"],
-        "total_params": summary["total_params"],
-        "equivalent_rank": summary["equivalent_rank"],
-        "trainable_checksum": checksum,
-    }
+    return {**parameter_counts(model), "trainable_checksum": checksum}
 
 
 def build_trainer(cfg: GlueRunConfig):

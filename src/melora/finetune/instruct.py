@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from melora.accounting import parameter_counts
 from melora.data.instruct import (
     TEMPLATES,
     InstructCollator,
@@ -193,14 +194,6 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
-def _param_summary(model: torch.nn.Module) -> dict[str, Any]:
-    """Trainable / total parameters and equivalent rank (None for full fine-tuning)."""
-    from melora import adapter_summary
-
-    summary = adapter_summary(model)
-    return {key: summary[key] for key in ("trainable_params", "total_params", "equivalent_rank")}
-
-
 def run_instruct(options: InstructOptions) -> dict[str, Any]:
     """Train one model on instruction data and write the adapter + ``results.json``; return the results."""
     from transformers import Trainer, set_seed
@@ -233,7 +226,7 @@ def run_instruct(options: InstructOptions) -> dict[str, Any]:
         task_type="CAUSAL_LM",
     )
     model = apply_method(model, peft_config)
-    params = _param_summary(model)
+    params = parameter_counts(model)
     logger.info(
         "%s: %d train / %d held-out examples, %s trainable parameters",
         options.run_label(),

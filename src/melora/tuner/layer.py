@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -63,11 +64,8 @@ class MELoRALayer(BaseTunerLayer):
             raise ValueError(f"r={r} and n={n} must both be >= 1 for {name}.")
         for what, size in (("in_features", self.in_features), ("out_features", self.out_features)):
             if size % n:
-                divisors = [
-                    d
-                    for d in range(1, min(size, 64) + 1)
-                    if size % d == 0 and self.in_features % d == 0 and self.out_features % d == 0
-                ]
+                common = math.gcd(self.in_features, self.out_features)
+                divisors = [d for d in range(1, min(common, 64) + 1) if common % d == 0]
                 raise ValueError(
                     f"n={n} does not divide {what}={size} of {name} (in_features={self.in_features}, "
                     f"out_features={self.out_features}). Choose n among the common divisors "
