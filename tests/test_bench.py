@@ -25,8 +25,8 @@ from melora.bench.configurations import SingleLinear, attach_adapter
 from melora.bench.harness import KINDS
 from melora.bench.kernels import VARIANTS
 from melora.bench.loop_baseline import LoopMELoRALinear
-from melora.finetune.common import load_yaml
 from melora.functional import block_diagonal
+from melora.io import read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +159,7 @@ def test_quick_command_writes_json_table_and_plot(tmp_path: Path) -> None:
     )
     assert args.func(args) == 0
     results = json.loads((tmp_path / "out" / "quick-quick.json").read_text())
-    _check_results(results, experiment_from_dict(load_yaml(REPO / "benchmarks" / "quick.yaml")).quick())
+    _check_results(results, experiment_from_dict(read_yaml(REPO / "benchmarks" / "quick.yaml")).quick())
     assert all(row["memory"]["peak_mb"] > 0 for row in results["cases"][0]["rows"])
     assert "| loop r=1 n=8 |" in (tmp_path / "out" / "quick-quick.md").read_text()
     assert (tmp_path / "fig" / "bench_quick-quick.png").stat().st_size > 0

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from melora.finetune.common import write_json_atomic
+from melora.io import write_json_atomic
 from melora.report import add_parser, aggregate, find_results, load_run, report
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melora.finetune.common import write_json_atomic
+from melora.io import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

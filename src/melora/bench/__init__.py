@@ -3,7 +3,7 @@
 Python API::
 
     from melora.bench import experiment_from_dict, run_experiment, render_markdown, render_plot
-    results = run_experiment(experiment_from_dict(load_yaml("benchmarks/layer.yaml")))
+    results = run_experiment(experiment_from_dict(read_yaml("benchmarks/layer.yaml")))
 
 The command line is ``melora bench`` (:mod:`melora.bench.runner`).
 """

@@ -79,7 +79,7 @@ def _run_case(
 
 def run_experiment(experiment: Experiment) -> dict[str, Any]:
     """Measure every configuration of ``experiment``; return the results document (see docs/benchmarks.md)."""
-    from melora.finetune.common import environment_info
+    from melora.provenance import provenance
 
     if experiment.threads:
         torch.set_num_threads(experiment.threads)
@@ -96,7 +96,7 @@ def run_experiment(experiment: Experiment) -> dict[str, Any]:
         "method": "melora",
         "seed": experiment.seed,
         "config": experiment.to_dict(),
-        "versions": environment_info(),
+        "versions": provenance(),
         "hardware": hardware_info(device),
         "trainable_params": next(
             (row["trainable_params"] for row in cases[0]["rows"] if row["label"] == headline.label), None

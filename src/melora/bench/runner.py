@@ -18,7 +18,7 @@ from typing import Any
 from melora.bench.benchmark import run_experiment
 from melora.bench.config import experiment_from_dict
 from melora.bench.render import render_markdown, render_plot
-from melora.finetune.common import load_yaml, write_json_atomic
+from melora.io import read_yaml, write_json_atomic
 
 
 def add_parser(subparsers) -> None:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         if args.render:
             results = json.loads(path.read_text(encoding="utf-8"))
         else:
-            experiment = experiment_from_dict(load_yaml(path))
+            experiment = experiment_from_dict(read_yaml(path))
             overrides = {
                 key: value
                 for key, value in (

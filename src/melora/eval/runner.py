@@ -21,7 +21,8 @@ import torch
 
 from melora.eval import bbh, drop, humaneval, mmlu
 from melora.eval.scoring import TaskResult
-from melora.finetune.common import environment_info, write_json_atomic
+from melora.io import write_json_atomic
+from melora.provenance import provenance
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def run_eval(
             "allow_code_execution": allow_code_execution,
             "output_dir": output_dir,
         },  # fmt: skip
-        "versions": environment_info(),
+        "versions": provenance(),
         "trainable_params": stats["trainable_params"],
         "equivalent_rank": stats["equivalent_rank"],
         "wall_time_s": round(time.perf_counter() - start, 2),
