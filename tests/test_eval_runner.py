@@ -60,7 +60,7 @@ def test_adapter_and_merged_adapter_score_the_same(tiny_dirs, tmp_path):
     args = (["mmlu"], str(data_dir), 2, 4)
     plain = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "a"))
     merged = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "b"), merge=True)
-    assert (plain["label"], plain["method"], plain["equivalent_rank"]) == ("lora-r2", "lora", 2)
+    assert (plain["label"], plain["method"], plain["equivalent_rank"]) == ("lora r=2", "lora", 2)
     assert merged["config"]["merge"] and merged["trainable_params"] == plain["trainable_params"]
     assert plain["trainable_params"] == 2 * (
         2 * (64 + 64) + 2 * (64 + 32)
@@ -80,7 +80,7 @@ def test_melora_adapter_its_exported_lora_and_merge_score_the_same(tiny_dirs, tm
     mel = runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "melora"))
     lora = runner.run_eval(str(model_dir), str(exported), *args, str(tmp_path / "lora"))
     runner.run_eval(str(model_dir), str(adapter), *args, str(tmp_path / "merged"), merge=True)
-    assert (mel["label"], mel["method"], mel["equivalent_rank"]) == ("melora-r1-n4", "melora", 4)
+    assert (mel["label"], mel["method"], mel["equivalent_rank"]) == ("melora r=1 n=4", "melora", 4)
     assert (lora["method"], lora["equivalent_rank"]) == ("lora", 4)
     assert mel["trainable_params"] == 2 * (64 + 64 + 64 + 32)  # per layer r*(d_in + d_out) for q and v
     for other in ("lora", "merged"):
@@ -104,7 +104,7 @@ def test_humaneval_needs_explicit_permission(tiny_dirs, tmp_path):
         ({"limit": 0}, ValueError, r"limits must be positive numbers of questions, got \{'mmlu': 0\}"),
         ({"limit": {"bbh": 2}}, ValueError, r"\['bbh'\] are not among the evaluated tasks \['mmlu'\]"),
         ({"merge": True}, ValueError, "--merge needs --adapter"),
-        ({"adapter": "nowhere"}, FileNotFoundError, "no adapter_config.json"),
+        ({"adapter": "nowhere"}, FileNotFoundError, "--adapter nowhere does not exist"),
         ({"data_dir": "missing-dir"}, FileNotFoundError, "--data-dir missing-dir does not exist"),
     ],
 )
@@ -142,3 +142,26 @@ def test_cli_parses_into_run_eval(tiny_dirs, tmp_path, capsys):
     assert "| bbh/em |" in capsys.readouterr().out
     config = json.loads((tmp_path / "results.json").read_text())["config"]
     assert (config["tasks"], config["max_new_tokens"], config["batch_size"]) == (["bbh"], 3, 4)
+
+
+def test_a_run_folder_is_accepted_and_labels_the_evaluation(tiny_dirs, tmp_path):
+    """`--adapter RUN_DIR` finds RUN_DIR/adapter and takes label, method, r, n and seed from results.json."""
+    from melora import MELoRAConfig
+    from melora.records import RunRecord
+
+    model_dir, data_dir = tiny_dirs
+    config = MELoRAConfig(r=2, n=2, alpha=4, target_modules=["q_proj", "v_proj"], init_weights=False)
+    run_dir = tmp_path / "run"
+    _save_adapter(model_dir, config, run_dir / "adapter")
+    adapter = {"method": "melora", "r": 2, "n": 2, "alpha": 4.0, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+               "modules_to_save": None, "label": "my melora"}  # fmt: skip
+    RunRecord("instruct", "my melora", "melora-r2-n2", "melora", {"instruct/heldout_loss": 1.0}, seed=7,
+              adapter=adapter, config={"lr": 0.01}, trainable_params=123).write(run_dir)  # fmt: skip
+    results = runner.run_eval(
+        str(model_dir), str(run_dir), ["mmlu"], str(data_dir), 1, 2, str(tmp_path / "ev")
+    )
+    assert (results["label"], results["slug"], results["seed"]) == ("my melora", "melora-r2-n2", 7)
+    assert results["config"]["lr"] == 0.01 and results["trainable_params"] == 123
+    assert results["complete"] is True
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json there or in"):
+        runner.run_eval(str(model_dir), str(tmp_path), ["mmlu"], str(data_dir), 1, 2, str(tmp_path / "x"))

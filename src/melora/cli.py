@@ -1,7 +1,11 @@
 """The ``melora`` command: parses arguments, then calls the runner of the chosen subcommand.
 
-Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers
-the subparser and sets ``func`` (called with the parsed namespace).
+Each subcommand lives in its own module exposing ``add_parser(subparsers)``, which registers the
+subparser and sets ``func`` (called with the parsed namespace). Only the chosen subcommand's module
+is imported, so ``melora --help`` does not load PyTorch.
+
+User errors (a bad flag value, a missing file, n not dividing a layer) print one line and exit 2;
+``--debug`` (or ``MELORA_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -9,32 +13,69 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
-SUBCOMMAND_MODULES = (
-    "melora.finetune.glue",
-    "melora.finetune.instruct",
-    "melora.eval.runner",
-    "melora.bench.runner",
-    "melora.report",
-    "melora.export",
-)
+# name -> (module, one-line help); the module is imported only when the subcommand runs.
+SUBCOMMANDS = {
+    "glue": ("melora.finetune.glue", "fine-tune an encoder on a GLUE task (MELoRA / LoRA / full)"),
+    "instruct": ("melora.finetune.instruct", "instruction-tune a causal LM on Alpaca/Dolly-format data"),
+    "eval": ("melora.eval.runner", "MMLU, BBH, HumanEval, DROP for a base model, adapter or run folder"),
+    "study": (
+        "melora.study.command",
+        "plan, run (resumably) and report a study file: tasks x methods x lr x seeds",
+    ),
+    "report": ("melora.report", "aggregate results.json files into tables and plots"),
+    "bench": ("melora.bench.runner", "speed / memory / parameter benchmarks"),
+    "export-lora": ("melora.export", "convert a MELoRA adapter into a standard LoRA adapter"),
+}
+# Errors that are the user's to fix: one line, exit status 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="melora", description=__doc__.splitlines()[0])
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in SUBCOMMAND_MODULES:
-        module = importlib.import_module(name)
-        module.add_parser(subparsers)
+def _top_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="melora",
+        description="MELoRA (Mini-Ensemble Low-Rank Adapters) for PEFT: fine-tune, evaluate, study, export.",
+        epilog="commands:\n"
+        + "\n".join(f"  {name:12s} {text}" for name, (_, text) in SUBCOMMANDS.items())
+        + "\n\n`melora COMMAND --help` lists a command's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with one subcommand registered (all of them when ``command`` is None)."""
+    parser = _top_parser()
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, _) in SUBCOMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MELORA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in SUBCOMMANDS:
+        _top_parser().parse_args(argv or ["--help"])  # prints help (or the error) and exits
+        print(f"melora: unknown command {command!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    result = args.func(args)
-    return int(result or 0)
+    try:
+        args = build_parser(command).parse_args(argv)
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        print(f"melora {command}: error: {' '.join(message.split())}", file=sys.stderr)
+        print("(rerun with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Any runner's results.json works (kind ``glue``, ``instruct`` or ``eval``): runs are grouped by
 (kind, label, summary key), so over seeds; a GLUE key such as ``rte/accuracy_best`` already names
-its task. Each group gives mean, sample standard deviation and count. Output: one markdown table
+its task. Each group gives mean, sample standard deviation and count. Runs that share a label but
+differ in a defining option (lr, r, n, data, ...) are refused rather than averaged. Output: one markdown table
 per kind (rows: labels, columns: summary keys), a plot of score vs trainable parameters (log x),
 and the groups as JSON.
 
@@ -12,7 +13,6 @@ and the groups as JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -22,11 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from melora.io import write_json_atomic
+from melora.io import atomic_write_text, write_json_atomic
+from melora.records import RunRecord
 
 logger = logging.getLogger(__name__)
-
-REQUIRED_KEYS = ("kind", "label", "summary")
 
 
 @dataclass
@@ -71,21 +70,39 @@ def find_results(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def load_run(path: Path) -> dict[str, Any]:
-    """One results.json, checked for the keys the report needs."""
-    try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}).") from err
-    missing = [key for key in REQUIRED_KEYS if key not in run]
-    if missing or not isinstance(run.get("summary"), dict):
-        raise ValueError(
-            f"{path}: expected keys {list(REQUIRED_KEYS)} with a flat 'summary' dict; missing {missing}."
-        )
+    """One results.json (a :class:`~melora.records.RunRecord`), checked for the keys the report needs."""
+    run = RunRecord.read(path).to_dict()
+    run["_source"] = str(path)
     return run
+
+
+def check_comparable(runs: list[dict[str, Any]]) -> None:
+    """Refuse to average runs that share a (kind, label) but were configured differently.
+
+    Seeds, output folders, thread counts and the like may differ; anything that changes what a run
+    computes (method, r, n, lr, data, epochs, ...) may not. The error names both runs and the options.
+    """
+    first: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    for run in runs:
+        record = RunRecord.from_dict({k: v for k, v in run.items() if k != "_source"})
+        key = (run["kind"], run["label"], run.get("task"))
+        if key not in first:
+            first[key] = run
+            continue
+        other = RunRecord.from_dict({k: v for k, v in first[key].items() if k != "_source"})
+        mine, theirs = record.defining_config(), other.defining_config()
+        differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        if differ:
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ[:4])
+            raise ValueError(
+                f"{first[key].get('_source')} and {run.get('_source')} share the label {run['label']!r} but "
+                f"differ in {shown}; give them distinct --label values or report them separately."
+            )
 
 
 def aggregate(runs: list[dict[str, Any]], keys: str | None = None) -> list[Group]:
     """Group runs by (kind, label, summary key); ``keys`` is a regex that selects summary keys."""
+    check_comparable(runs)
     pattern = re.compile(keys) if keys else None
     groups: dict[tuple[str, str, str], Group] = {}
     for run in runs:
@@ -113,6 +130,13 @@ def _params_text(params: list[int]) -> str:
     return f"{low:,}" if low == high else f"{low:,}-{high:,}"
 
 
+def cell_text(group: Group) -> str:
+    """``0.812 ± 0.011 (3)``; a single run has no spread: ``0.812 (1)``."""
+    if len(group.values) < 2:
+        return f"{group.mean:.3f} (1)"
+    return f"{group.mean:.3f} ± {group.std:.3f} ({len(group.values)})"
+
+
 def markdown_tables(groups: list[Group]) -> str:
     """One markdown table per kind: a row per label, a column per metric, cells ``mean ± std (n)``."""
     by_kind: dict[str, list[Group]] = defaultdict(list)
@@ -132,15 +156,14 @@ def markdown_tables(groups: list[Group]) -> str:
         lines = [
             f"**{kind}** (mean ± std over runs, (n) = runs)",
             "",
-            "| label | trainable params | " + " | ".join(metrics) + " | avg |",
-            "|---|---:|" + "---:|" * (len(metrics) + 1),
+            "| label | trainable params | " + " | ".join(metrics) + " |",
+            "|---|---:|" + "---:|" * len(metrics),
         ]
         for label in labels:
             row = [cells.get((label, m)) for m in metrics]
             params = [p for g in row if g is not None for p in g.trainable_params]
-            texts = [f"{g.mean:.3f} ± {g.std:.3f} ({len(g.values)})" if g else "-" for g in row]
-            avg = f"{sum(g.mean for g in row) / len(row):.3f}" if all(row) else "-"
-            lines.append(f"| {label} | {_params_text(params)} | " + " | ".join(texts) + f" | {avg} |")
+            texts = [cell_text(g) if g else "-" for g in row]
+            lines.append(f"| {label} | {_params_text(params)} | " + " | ".join(texts) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
 
@@ -151,6 +174,7 @@ def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     plotted = [g for g in groups if g.trainable_params]
     if not plotted:
@@ -166,6 +190,9 @@ def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
             x = sorted(g.trainable_params)[len(g.trainable_params) // 2]
             ax.errorbar(x, g.mean, yerr=g.std, fmt="o", capsize=3, color=colors[g.label], label=g.label)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, numticks=6))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.tick_params(axis="x", labelsize=8)
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("trainable parameters")
         ax.grid(True, which="both", alpha=0.3)
@@ -193,8 +220,7 @@ def report(
         raise ValueError(f"No summary key matches {keys!r} in {len(files)} results.json file(s).")
     table = markdown_tables(groups)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(table, encoding="utf-8")
+        atomic_write_text(output, table)
     if plot:
         plot_score_vs_params(groups, plot)
     if json_path:

@@ -58,3 +58,18 @@ def logits_to_predictions(task: str, logits: np.ndarray) -> np.ndarray:
     if task == "stsb":
         return logits.reshape(-1)
     return logits.argmax(axis=-1)
+
+
+def trivial_baseline(task: str, train_labels: np.ndarray, dev_labels: np.ndarray) -> dict[str, float]:
+    """The dev metrics of a model that ignores its input: always the training set's majority class.
+
+    For STS-B a constant score has no correlation with anything: Pearson and Spearman are 0 by
+    convention (scipy returns NaN for a constant input). CoLA's MCC is then 0, RTE's accuracy the
+    dev share of the majority training class, MRPC's F1 that of predicting "paraphrase" everywhere.
+    """
+    if task == "stsb":
+        return {"pearson": 0.0, "spearman": 0.0}
+    values, counts = np.unique(np.asarray(train_labels).reshape(-1), return_counts=True)
+    majority = values[np.argmax(counts)]
+    dev_labels = np.asarray(dev_labels).reshape(-1)
+    return glue_metrics(task, np.full_like(dev_labels, majority), dev_labels)

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import torch
 
 from melora.eval import bbh, drop, humaneval, mmlu
 from melora.eval.scoring import TaskResult
-from melora.io import write_json_atomic
+from melora.io import atomic_write_text
 from melora.provenance import provenance
+from melora.records import RunRecord
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +151,48 @@ def load_model(model: str, adapter: str | None = None, merge: bool = False):
     return base.eval(), tokenizer, stats
 
 
-def default_label(model: str, adapter: str | None) -> str:
-    """The adapter folder's name, else a local model folder's name, else "base"."""
+def resolve_adapter(path: str | None) -> tuple[str | None, Any]:
+    """``(adapter folder, RunRecord or None)`` for an adapter folder or a run folder holding ``adapter/``.
+
+    A run folder's results.json (written by ``melora glue`` / ``melora instruct``) names the run's
+    method, r, n and seed, which label the evaluation; a bare adapter folder is labelled from its
+    adapter_config.json.
+    """
+    from melora.records import RESULTS_FILE, RunRecord
+
+    if path is None:
+        return None, None
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"--adapter {folder} does not exist.")
+    for candidate in (folder, folder / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            run_dir = candidate.parent if candidate.name == "adapter" else candidate
+            record = RunRecord.read(run_dir) if (run_dir / RESULTS_FILE).is_file() else None
+            if record is not None and record.kind == "eval":
+                record = None
+            return str(candidate), record
+    raise FileNotFoundError(
+        f"--adapter {folder}: no adapter_config.json there or in {folder / 'adapter'} "
+        "(pass a PEFT adapter folder or a melora run folder)."
+    )
+
+
+def base_label(model: str) -> str:
+    """A local model folder's name, else "base"."""
+    return Path(model).name if Path(model).is_dir() else "base"
+
+
+def describe(model: str, adapter: str | None, record: Any):
+    """The AdapterArgs of what is evaluated: from the run's record, the adapter's config, or the base."""
+    from melora.args import AdapterArgs
+    from melora.io import read_adapter_config
+
+    if record is not None and record.adapter:
+        return AdapterArgs(**record.adapter)
     if adapter is not None:
-        return Path(adapter).name
-    if Path(model).is_dir():
-        return Path(model).name
-    return "base"
+        return AdapterArgs.from_adapter_config(read_adapter_config(adapter))
+    return None
 
 
 def evaluate_tasks(
@@ -190,10 +226,8 @@ def render_markdown(results: dict[str, Any]) -> str:
 
 
 def _write_predictions(folder: Path, name: str, predictions: list[dict[str, Any]]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as handle:
-        for record in predictions:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    lines = (json.dumps(record, ensure_ascii=False) + "\n" for record in predictions)
+    atomic_write_text(folder / f"{name}.jsonl", "".join(lines))
 
 
 def run_eval(
@@ -221,16 +255,13 @@ def run_eval(
     limits = task_limits(limit, names)
     if "humaneval" in names and not allow_code_execution:
         raise PermissionError(humaneval.NO_PERMISSION)
+    adapter, record = resolve_adapter(adapter)
+    described = describe(model, adapter, record)
     data = {name: TASKS[name].load(task_data_dir(data_dir, name), limits[name]) for name in names}
     lm, tokenizer, stats = load_model(model, adapter, merge)
     options = EvalOptions(batch_size, max_new_tokens, allow_code_execution)
-    task_results = evaluate_tasks(lm, tokenizer, data, options)
-    results = {
-        "kind": "eval",
-        "label": label or default_label(model, adapter),
-        "method": stats["method"],
-        "seed": None,
-        "config": {
+    out = Path(output_dir)
+    config = {
             "model": model,
             "adapter": adapter,
             "merge": merge,
@@ -241,19 +272,40 @@ def run_eval(
             "max_new_tokens": max_new_tokens,
             "allow_code_execution": allow_code_execution,
             "output_dir": output_dir,
-        },  # fmt: skip
-        "versions": provenance(),
-        "trainable_params": stats["trainable_params"],
-        "equivalent_rank": stats["equivalent_rank"],
-        "wall_time_s": round(time.perf_counter() - start, 2),
-        "summary": {f"{t}/{k}": float(v) for t, r in task_results.items() for k, v in r.summary.items()},
-        "tasks": {t: r.details for t, r in task_results.items()},
-    }
-    out = Path(output_dir)
-    for name, result in task_results.items():
-        _write_predictions(out / "predictions", name, result.predictions)
-    write_json_atomic(out / "results.json", results)
-    (out / "results.md").write_text(render_markdown(results), encoding="utf-8")
+    }  # fmt: skip
+    task_results: dict[str, TaskResult] = {}
+
+    def write(complete: bool) -> dict[str, Any]:
+        record_out = RunRecord(
+            kind="eval",
+            label=label or (described.label if described else base_label(model)),
+            slug=described.slug if described else "base",
+            method=described.method if described else "base",
+            summary={f"{t}/{k}": float(v) for t, r in task_results.items() for k, v in r.summary.items()},
+            seed=record.seed if record is not None else None,
+            task="eval",
+            adapter=asdict(described) if described else {},
+            config={**(record.config if record is not None else {}), **config},
+            trainable_params=record.trainable_params if record is not None else stats["trainable_params"],
+            adapter_params=stats["trainable_params"],
+            equivalent_rank=stats["equivalent_rank"],
+            wall_time_s=round(time.perf_counter() - start, 2),
+            versions=provenance(),
+            details={
+                "tasks": {t: r.details for t, r in task_results.items()},
+                "complete": complete,
+                "run": str(Path(adapter).parent) if record is not None else None,
+            },
+        )
+        results = record_out.to_dict()
+        record_out.write(out)
+        atomic_write_text(out / "results.md", render_markdown(results))
+        return results
+
+    for name, task_data in data.items():  # each task's results are on disk as soon as it finishes
+        task_results.update(evaluate_tasks(lm, tokenizer, {name: task_data}, options))
+        _write_predictions(out / "predictions", name, task_results[name].predictions)
+        results = write(complete=len(task_results) == len(data))
     return results
 
 
@@ -265,7 +317,11 @@ def add_parser(subparsers) -> None:
         description=__doc__.splitlines()[0],
     )
     parser.add_argument("--model", required=True, help="hub name, folder, .gguf file or alias (smollm2)")
-    parser.add_argument("--adapter", default=None, help="PEFT adapter folder (MELoRA or LoRA, e.g. exported)")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        help="PEFT adapter folder (MELoRA or LoRA, e.g. exported) or a melora run folder",
+    )
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
     parser.add_argument("--tasks", default="mmlu,bbh", help=f"comma-separated, from {','.join(TASKS)}")
     parser.add_argument("--data-dir", default=None, help="folder with mmlu/ bbh/ humaneval/ (default: hub)")
@@ -280,7 +336,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--allow-code-execution", action="store_true", help="needed for humaneval: runs generated code"
     )
-    parser.add_argument("--label", default=None, help="run label (default: adapter folder name or 'base')")
+    parser.add_argument(
+        "--label", default=None, help="run label (default: the run's, e.g. 'melora r=1 n=8', or 'base')"
+    )
     parser.add_argument("--output-dir", required=True)
     parser.set_defaults(func=_main)
 

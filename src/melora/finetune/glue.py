@@ -2,146 +2,95 @@
 
 Setup (data, model, adapter) -> transformers ``Trainer`` (so ``torchrun`` / ``accelerate launch``
 distribute it) -> per-epoch dev metrics -> ``results.json`` and the adapter in ``--output-dir``.
-The paper's per-task recipe lives in ``configs/glue/<task>.yaml``; command-line flags override it.
 
-    melora glue --config configs/glue/rte.yaml --method melora --r 1 --n 8 --output-dir runs/rte
+Without ``--config`` the defaults are measured to learn on a small encoder in minutes on a CPU
+(per-method learning rates, batch 32, 3 epochs; see docs/results_glue.md). ``--config
+configs/glue/<task>.yaml`` is the MELoRA paper's recipe for RoBERTa-base (e.g. RTE: 80 epochs,
+batch 128, lr 4e-4), meant for a GPU. Flags override both.
+
+    melora glue --task stsb --data-dir ../shared/data/glue --output-dir runs/stsb-melora
+    melora glue --config configs/glue/rte.yaml --model roberta-base --output-dir runs/rte-paper
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import TrainerCallback
-
-from melora.data.glue import TASKS, get_task, load_glue, subsample
-from melora.eval.glue_metrics import PRIMARY_METRIC, glue_metrics, logits_to_predictions
-from melora.finetune.common import (
-    METHODS,
-    add_adapter_args,
-    apply_method,
-    build_peft_config,
-    environment_info,
-    load_yaml,
-    resolve_options,
-    write_json_atomic,
-)
+from melora.args import AdapterArgs, TrainArgs, UserError, opt, resolve
+from melora.data.glue import TASKS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RANK = {"melora": 1, "lora": 8, "full": None}
-SAVE_STRATEGIES = ("epoch", "no")
 SUBSET_SEED = 0  # --max-*-samples subsets are the same for every run, whatever its --seed
+# Defaults measured to learn with MiniLM on a CPU budget (docs/results_glue.md); the paper's recipes
+# (lr 4e-4 x batch 128 x 30-80 epochs) are configs/glue/<task>.yaml.
+DEFAULT_LR = {"melora": 5e-3, "lora": 3e-3, "full": 1e-4}
+DEFAULTS: dict[str, Any] = {"epochs": 3.0, "batch_size": 32, "warmup_ratio": 0.06, "weight_decay": 0.0}
 
 
 @dataclass
-class GlueRunConfig:
-    """Every option of one GLUE run; ``r`` / ``n`` default per method (MELoRA r=1 n=8, LoRA r=8)."""
+class GlueArgs:
+    """The task, model and data of one GLUE run."""
 
-    task: str
-    output_dir: str
-    method: str = "melora"
-    model: str = "minilm"
-    r: int | None = None
-    n: int | None = None
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
-    modules_to_save: list[str] | None = None
-    epochs: float = 3.0
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    lr: float = 4e-4
-    max_length: int = 256
-    warmup_ratio: float = 0.06
-    weight_decay: float = 0.1
-    seed: int = 0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    data_dir: str | None = None
-    label: str | None = None
-    group_by_length: bool = False
-    save_strategy: str = "epoch"
-    save_model: bool = True
-    resume: bool = False
-    stop_after_steps: int | None = None
-    progress: bool = True
+    task: str | None = opt(None, "GLUE task (required)", choices=sorted(TASKS))
+    model: str = opt("minilm", "alias (minilm, mpnet), local folder or hub id")
+    data_dir: str | None = opt(None, "folder with GLUE TSVs (<dir>/RTE/train.tsv); default: the hub")
+    max_length: int = opt(128, "max tokens per example")
+    max_train_samples: int | None = opt(None, "seeded random subset of the training set")
+    max_eval_samples: int | None = opt(None, "seeded random subset of each dev set")
+    group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+    save_model: bool = opt(True, "save the adapter (or full model) into <output-dir>/adapter")
 
     def __post_init__(self) -> None:
         problems = []
-        self.task = self.task.lower().replace("-", "")
-        if self.task not in TASKS:
-            problems.append(f"task={self.task!r}: choose one of {', '.join(TASKS)}")
-        if self.method not in METHODS:
-            problems.append(f"method={self.method!r}: choose one of {', '.join(METHODS)}")
+        if self.task is None:
+            problems.append("task is required: pass --task (or set task in the preset)")
         else:
-            self.r = self.r if self.r is not None else DEFAULT_RANK[self.method]
-            self.n = (self.n if self.n is not None else 8) if self.method == "melora" else None
-        for name in ("r", "n", "batch_size", "eval_batch_size", "max_length"):
+            self.task = self.task.lower().replace("-", "")
+            if self.task not in TASKS:
+                problems.append(f"task={self.task!r}: choose one of {', '.join(sorted(TASKS))}")
+        for name in ("max_length", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 problems.append(f"{name}={value!r}: expected a positive integer")
-        for name in ("epochs", "lr", "alpha"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)!r}: expected a positive number")
-        for name in ("dropout", "warmup_ratio"):
-            if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name}={getattr(self, name)!r}: expected a number in [0, 1)")
-        if self.save_strategy not in SAVE_STRATEGIES:
-            problems.append(
-                f"save_strategy={self.save_strategy!r}: choose one of {', '.join(SAVE_STRATEGIES)}"
-            )
         if problems:
-            raise ValueError("Invalid GLUE run options:\n  - " + "\n  - ".join(problems))
+            raise UserError("Invalid GLUE options: " + "; ".join(problems) + ".")
 
-    @property
-    def run_label(self) -> str:
-        """Short label for tables: ``melora r=1 n=8``, ``lora r=8`` or ``full``."""
-        if self.label:
-            return self.label
-        if self.method == "melora":
-            return f"melora r={self.r} n={self.n}"
-        return f"lora r={self.r}" if self.method == "lora" else "full"
+
+@dataclass
+class GlueRun:
+    """Everything one GLUE run needs: its task/data, its adapter and its training loop."""
+
+    glue: GlueArgs
+    adapter: AdapterArgs
+    train: TrainArgs
+
+    PARTS = {"glue": GlueArgs, "adapter": AdapterArgs, "train": TrainArgs}
+
+    def __post_init__(self) -> None:
+        if self.train.lr is None:
+            self.train.lr = DEFAULT_LR[self.adapter.method]
 
     @classmethod
-    def from_options(cls, options: dict[str, Any]) -> GlueRunConfig:
-        """Build from a merged option dict; unknown keys are an error that lists the known ones."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known - {"config", "command"})
-        if unknown:
-            raise ValueError(f"Unknown GLUE option(s) {unknown}; known options: {sorted(known)}.")
-        missing = [name for name in ("task", "output_dir") if options.get(name) is None]
-        if missing:
-            raise ValueError(
-                f"Missing required option(s) {missing}: pass --task and --output-dir (or set them in the YAML)."
-            )
-        return cls(**{k: v for k, v in options.items() if k in known})
+    def from_options(
+        cls,
+        flags: dict[str, Any] | None = None,
+        preset: dict[str, Any] | None = None,
+        preset_path: str | None = None,
+    ) -> GlueRun:
+        """Defaults < preset < flags; unknown keys are a UserError naming the key (and the file)."""
+        return cls(
+            **resolve(cls.PARTS, defaults=DEFAULTS, preset=preset, preset_path=preset_path, flags=flags)
+        )
 
-
-class StopAfterSteps(TrainerCallback):
-    """Save a checkpoint and stop at ``global_step == steps`` (an interrupted run, to test resuming)."""
-
-    def __init__(self, steps: int):
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:
-            control.should_save = True
-            control.should_training_stop = True
-        return control
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.steps:  # no evaluation of a half-finished epoch
-            control.should_evaluate = False
-            control.should_save = False
-        return control
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.glue), **asdict(self.adapter), **asdict(self.train)}
 
 
 def _tokenize(data, tokenizer, max_length: int):
@@ -171,23 +120,34 @@ def _metric_name(key: str, eval_splits: list[str]) -> str | None:
 
 
 def epoch_metrics(log_history: list[dict[str, Any]], eval_splits: list[str]) -> list[dict[str, Any]]:
-    """Group the Trainer's eval logs by epoch: ``[{"epoch": 1.0, "step": 9, "accuracy": 0.6, ...}]``."""
+    """Group the Trainer's eval logs by epoch: ``[{"epoch": 1.0, "step": 9, "accuracy": 0.6, ...}]``.
+
+    ``train_loss`` is the mean of the training losses logged since the previous evaluation.
+    """
     by_epoch: dict[float, dict[str, Any]] = {}
+    losses: list[float] = []
     for entry in log_history:
+        if "loss" in entry and not any(k.startswith("eval_") for k in entry):
+            losses.append(float(entry["loss"]))
+            continue
         if not any(k.startswith("eval_") for k in entry):
             continue
-        row = by_epoch.setdefault(
-            round(entry["epoch"], 4), {"epoch": round(entry["epoch"], 4), "step": entry["step"]}
-        )
+        epoch = round(entry["epoch"], 4)
+        row = by_epoch.setdefault(epoch, {"epoch": epoch, "step": entry["step"]})
         for key, value in entry.items():
             name = _metric_name(key, eval_splits) if key.startswith("eval_") else None
             if name is not None:
                 row[name] = float(value)
+        if losses:
+            row["train_loss"] = sum(losses) / len(losses)
+            losses = []
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
 def primary_key(task: str) -> str:
     """The metric that picks the best epoch (MNLI: matched accuracy)."""
+    from melora.eval.glue_metrics import PRIMARY_METRIC
+
     return ("matched_" if task == "mnli" else "") + PRIMARY_METRIC[task]
 
 
@@ -204,45 +164,40 @@ def summarize(
     return best, last, summary
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _default_head(adapter: AdapterArgs, model) -> AdapterArgs:
+    """BERT-style models: train the pooler with the classifier (RoBERTa's head has its dense layer too)."""
+    if (
+        adapter.method != "full"
+        and adapter.modules_to_save is None
+        and getattr(model, "bert", None) is not None
+    ):
+        if getattr(model.bert, "pooler", None) is not None:
+            logger.info("training BERT's pooler with the classifier (pass --modules-to-save to change)")
+            adapter.modules_to_save = ["pooler"]
+    return adapter
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
+def build_trainer(run: GlueRun):
+    """Data, model, adapter and a configured ``Trainer``; returns ``(trainer, model, data, tokenizer)``."""
+    from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-def _parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
-    """parameter_counts plus a checksum of the trainable weights (distributed ranks and resumes must agree)."""
-    from melora.accounting import parameter_counts
-
-    checksum = sum(float(p.detach().double().abs().sum()) for p in model.parameters() if p.requires_grad)
-    return {**parameter_counts(model), "trainable_checksum": checksum}
-
-
-def build_trainer(cfg: GlueRunConfig):
-    """Data, model, adapter and a configured ``Trainer`` for ``cfg``; returns ``(trainer, model)``."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
-
+    from melora.data.glue import get_task, load_glue, subsample
+    from melora.eval.glue_metrics import glue_metrics, logits_to_predictions
+    from melora.finetune.training import StopAfterSteps, training_arguments
     from melora.models import load_sequence_classifier
 
-    task = get_task(cfg.task)
-    set_seed(cfg.seed)
-    data = load_glue(task.name, cfg.data_dir)
-    data["train"] = subsample(data["train"], cfg.max_train_samples, SUBSET_SEED)
+    glue, train = run.glue, run.train
+    task = get_task(glue.task)
+    set_seed(train.seed)
+    data = load_glue(task.name, glue.data_dir)
+    data["train"] = subsample(data["train"], glue.max_train_samples, SUBSET_SEED)
     for split in task.eval_files:
-        data[split] = subsample(data[split], cfg.max_eval_samples, SUBSET_SEED)
-    model, tokenizer = load_sequence_classifier(cfg.model, task.num_labels)
-    peft_config = build_peft_config(
-        cfg.method,
-        r=cfg.r,
-        n=cfg.n or 1,
-        alpha=cfg.alpha,
-        dropout=cfg.dropout,
-        target_modules=cfg.target_modules,
-        modules_to_save=cfg.modules_to_save,
-        task_type="SEQ_CLS",  # PEFT then trains and saves the classifier head, whatever modules_to_save says
-    )
-    model = apply_method(model, peft_config)
-    data = _tokenize(data, tokenizer, cfg.max_length)
+        data[split] = subsample(data[split], glue.max_eval_samples, SUBSET_SEED)
+    model, tokenizer = load_sequence_classifier(glue.model, task.num_labels)
+    adapter = _default_head(run.adapter, model)
+    # SEQ_CLS: PEFT then trains and saves the classifier head, whatever modules_to_save says.
+    model = adapter.apply(model, task_type="SEQ_CLS")
+    data = _tokenize(data, tokenizer, glue.max_length)
     for split in task.eval_files:  # shortest first: less padding, same metrics
         data[split] = data[split].sort("length").remove_columns("length")
 
@@ -250,27 +205,15 @@ def build_trainer(cfg: GlueRunConfig):
         predictions = logits_to_predictions(task.name, eval_pred.predictions)
         return glue_metrics(task.name, predictions, eval_pred.label_ids)
 
-    args = TrainingArguments(
-        output_dir=cfg.output_dir,
-        num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.eval_batch_size,
-        learning_rate=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
-        lr_scheduler_type="linear",
+    steps_per_epoch = max(1, len(data["train"]) // (train.batch_size * train.grad_accum))
+    args = training_arguments(
+        train,
+        train.output_dir,
         eval_strategy="epoch",
-        save_strategy=cfg.save_strategy,
-        save_total_limit=1 if cfg.save_strategy != "no" else None,
-        logging_strategy="epoch",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
+        logging_strategy="steps",
+        logging_steps=max(1, steps_per_epoch // 10),
         label_names=["labels"],
-        report_to="none",
-        disable_tqdm=not cfg.progress,
-        dataloader_num_workers=0,
-        use_cpu=not torch.accelerator.is_available(),  # on CPU, torchrun then gives gloo DDP
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        train_sampling_strategy="group_by_length" if glue.group_by_length else "random",
         length_column_name="length",
     )
     eval_sets = {split: data[split] for split in task.eval_files}
@@ -282,134 +225,138 @@ def build_trainer(cfg: GlueRunConfig):
         data_collator=DataCollatorWithPadding(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[StopAfterSteps(cfg.stop_after_steps)] if cfg.stop_after_steps else None,
+        callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
     )
-    return trainer, model
+    return trainer, model, data, tokenizer
 
 
-def run_glue(cfg: GlueRunConfig) -> dict[str, Any]:
+def run_glue(run: GlueRun) -> dict[str, Any]:
     """Train and evaluate one run; writes ``results.json`` (and the adapter) on the main process.
 
     Returns the results dict, or ``{"stopped_at_step": k, ...}`` when ``stop_after_steps`` cut it short.
     """
+    import torch
+
+    from melora.accounting import parameter_counts
+    from melora.data.glue import get_task
+    from melora.eval.glue_metrics import trivial_baseline
+    from melora.finetune.training import last_complete_checkpoint, save_final, trainable_checksum
+    from melora.provenance import provenance
+    from melora.records import RunRecord
+
     start = time.time()
-    task = get_task(cfg.task)
-    trainer, model = build_trainer(cfg)
-    checkpoint = _last_checkpoint(cfg.output_dir) if cfg.resume else None
-    if cfg.resume and checkpoint is None:
-        logger.warning("--resume: no checkpoint-* folder in %s; starting from scratch", cfg.output_dir)
+    if run.train.threads:
+        torch.set_num_threads(run.train.threads)
+    task = get_task(run.glue.task)
+    out = Path(run.train.output_dir)
+    trainer, model, data, tokenizer = build_trainer(run)
+    checkpoint = last_complete_checkpoint(out) if run.train.resume else None
+    if run.train.resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint-* folder in %s; starting from scratch", out)
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
-    if cfg.stop_after_steps and state.global_step < state.max_steps:
-        return {"stopped_at_step": state.global_step, "checkpoint": _last_checkpoint(cfg.output_dir)}
+    if run.train.stop_after_steps and state.global_step < state.max_steps:
+        return {"stopped_at_step": state.global_step, "checkpoint": last_complete_checkpoint(out)}
     epochs = epoch_metrics(state.log_history, list(task.eval_files))
     best, last, summary = summarize(task.name, epochs)
-    train_losses = {round(e["epoch"], 4): e["loss"] for e in state.log_history if "loss" in e}
-    for row in epochs:  # the mean training loss since the previous log (the epoch, unless resumed mid-way)
-        row["train_loss"] = train_losses.get(row["epoch"])
-    results = {
-        "kind": "glue",
-        "label": cfg.run_label,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "task": task.name,
-        "config": asdict(cfg),
-        "versions": environment_info(),
-        **_parameter_counts(model),
-        "wall_time_s": time.time() - start,
-        "summary": summary,
-        "primary_metric": primary_key(task.name),
-        "best_epoch": best["epoch"],
-        "best": best,
-        "last": last,
-        "epochs": epochs,
-        "train_runtime_s": train_output.metrics.get("train_runtime"),
-        "world_size": trainer.args.world_size,
-        "resumed_from": checkpoint,
-    }
+    first_split = next(iter(task.eval_files))
+    baseline = trivial_baseline(task.name, data["train"]["label"], data[first_split]["label"])
+    counts = parameter_counts(model)
+    adapter = run.adapter
+    record = RunRecord(
+        kind="glue",
+        label=adapter.label,
+        slug=adapter.slug,
+        method=adapter.method,
+        summary=summary,
+        seed=run.train.seed,
+        task=task.name,
+        adapter=asdict(adapter),
+        config=run.to_dict(),
+        trainable_params=counts["trainable_params"],
+        adapter_params=counts["adapter_params"],
+        head_params=counts["trainable_params"] - counts["adapter_params"]
+        if adapter.method != "full"
+        else None,
+        equivalent_rank=counts["equivalent_rank"],
+        wall_time_s=round(time.time() - start, 2),
+        versions=provenance(),
+        details={
+            "primary_metric": primary_key(task.name),
+            "trivial_baseline": baseline,
+            "best_epoch": best["epoch"],
+            "best": best,
+            "last": last,
+            "epochs": epochs,
+            "num_train_examples": len(data["train"]),
+            "train_runtime_s": train_output.metrics.get("train_runtime"),
+            "world_size": trainer.args.world_size,
+            "resumed_from": checkpoint,
+            "trainable_checksum": trainable_checksum(model),
+            "total_params": counts["total_params"],
+        },
+    )
     if trainer.is_world_process_zero():
-        if cfg.save_model:
-            trainer.save_model(cfg.output_dir)  # the adapter (+ head) for PEFT, the whole model for full
-        write_json_atomic(Path(cfg.output_dir) / "results.json", results)
-    return results
+        if run.glue.save_model:
+            save_final(model, tokenizer, out / "adapter")
+        record.write(out)
+    return record.to_dict()
+
+
+def format_result(results: dict[str, Any]) -> str:
+    """The readable end-of-run summary: score beside the trivial baseline, parameters, time."""
+    task, key = results["task"], results["primary_metric"]
+    best, last = results["best"], results["last"]
+    baseline = results["trivial_baseline"].get(key.removeprefix("matched_"), float("nan"))
+    adapter, head = results.get("adapter_params"), results.get("head_params")
+    params = f"{results['trainable_params']:,} trainable"
+    if adapter is not None and results["method"] != "full":
+        params = f"{adapter:,} adapter + {head:,} head = {params}"
+    lines = [
+        f"{results['label']} on {task}: dev {key} {best[key]:.4f} (best of {len(results['epochs'])} epochs, "
+        f"epoch {best['epoch']:g}; last {last[key]:.4f})",
+        f"  trivial baseline (majority class / constant): {baseline:.4f}",
+        f"  parameters: {params}; wall time {results['wall_time_s'] / 60:.1f} min",
+    ]
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    """CLI entry: merge the YAML preset and flags, run, print the summary (one line per process)."""
-    preset = load_yaml(args.config) if args.config else {}
-    cfg = GlueRunConfig.from_options(resolve_options(args, preset))
-    results = run_glue(cfg)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    """CLI entry: merge the YAML preset and flags, run, print the summary (rank 0)."""
+    from melora.args import load_preset
+    from melora.finetune.training import is_main_process
+
+    run = GlueRun.from_options(vars(args), load_preset(args.config), args.config)
+    results = run_glue(run)
     if "stopped_at_step" in results:
-        print(
-            f"[rank {rank}/{world}] stopped at step {results['stopped_at_step']}; rerun with --resume to continue"
-        )
+        print(f"stopped at step {results['stopped_at_step']}; rerun with --resume to continue")
         return 0
-    line = {
-        k: results[k]
-        for k in ("label", "summary", "trainable_params", "equivalent_rank", "trainable_checksum")
-    }
-    print(f"[rank {rank}/{world}] {json.dumps(line, sort_keys=True)}")
-    if rank == 0:
-        print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:  # every rank: what it computed, so disagreement between processes shows
+        key = results["primary_metric"]
+        print(
+            f"[rank {rank}/{world}] {key}={results['best'][key]:.6f} checksum={results['trainable_checksum']:.6f}"
+        )
+    if is_main_process():
+        print(format_result(results))
+        print(f"results: {Path(run.train.output_dir) / 'results.json'}")
     return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register ``melora glue``."""
+    """Register ``melora glue`` (flags generated from GlueArgs, AdapterArgs, TrainArgs)."""
+    from melora.args import add_dataclass_args
+
     parser = subparsers.add_parser(
         "glue",
-        help="fine-tune on a GLUE task",
+        help="fine-tune an encoder on a GLUE task",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--task", choices=sorted(TASKS), default=None, help="GLUE task (or set it in --config)"
-    )
-    parser.add_argument(
-        "--model", default=None, help="alias (minilm), local folder or hub id; default minilm"
-    )
-    parser.add_argument(
-        "--data-dir", default=None, help="folder with GLUE TSVs (<dir>/RTE/train.tsv); default: hub"
-    )
-    parser.add_argument(
-        "--output-dir", default=None, help="where results.json, checkpoints and the adapter go"
-    )
-    add_adapter_args(parser)
-    parser.add_argument(
-        "--modules-to-save",
-        nargs="+",
-        default=None,
-        help="extra modules trained in full with an adapter (the classifier always is); e.g. pooler for BERT",
-    )
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=None)
-    train.add_argument("--batch-size", type=int, default=None)
-    train.add_argument("--eval-batch-size", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--max-length", type=int, default=None)
-    train.add_argument("--warmup-ratio", type=float, default=None)
-    train.add_argument("--weight-decay", type=float, default=None)
-    train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--max-train-samples", type=int, default=None, help="seeded random subset of train")
-    train.add_argument(
-        "--max-eval-samples", type=int, default=None, help="seeded random subset of each dev set"
-    )
-    train.add_argument(
-        "--group-by-length", action=argparse.BooleanOptionalAction, default=None, help="batch similar lengths"
-    )
-    train.add_argument("--label", default=None, help="run label in tables (default e.g. 'melora r=1 n=8')")
-    train.add_argument(
-        "--save-strategy", choices=SAVE_STRATEGIES, default=None, help="checkpoints for --resume"
-    )
-    train.add_argument("--save-model", action=argparse.BooleanOptionalAction, default=None)
-    train.add_argument(
-        "--resume", action="store_true", default=None, help="continue from the last checkpoint"
-    )
-    train.add_argument("--stop-after-steps", type=int, default=None, help="checkpoint and stop after K steps")
-    train.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars"
-    )
+    parser.add_argument("--config", default=None, help="YAML preset (configs/glue/); flags override it")
+    add_dataclass_args(parser.add_argument_group("task and data"), GlueArgs)
+    add_dataclass_args(parser.add_argument_group("adapter"), AdapterArgs)
+    add_dataclass_args(parser.add_argument_group("training"), TrainArgs, defaults=DEFAULTS)
     parser.set_defaults(func=main)
     return parser
 
@@ -417,6 +364,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 if __name__ == "__main__":  # python -m melora.finetune.glue ... (what torchrun / accelerate launch can run)
     import sys
 
-    _parser = argparse.ArgumentParser(prog="python -m melora.finetune.glue")
-    add_parser(_parser.add_subparsers(dest="command", required=True))
-    sys.exit(main(_parser.parse_args(["glue", *sys.argv[1:]])))
+    from melora.cli import main as cli_main
+
+    sys.exit(cli_main(["glue", *sys.argv[1:]]))

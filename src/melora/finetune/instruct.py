@@ -10,13 +10,13 @@ import argparse
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from melora.accounting import parameter_counts
+from melora.args import AdapterArgs, TrainArgs, UserError, opt, resolve
 from melora.data.instruct import (
     TEMPLATES,
     InstructCollator,
@@ -25,160 +25,93 @@ from melora.data.instruct import (
     split_examples,
     tokenize_example,
 )
-from melora.finetune.common import (
-    METHODS,
-    add_adapter_args,
-    apply_method,
-    build_peft_config,
-    environment_info,
-    load_yaml,
-    resolve_options,
-    write_json_atomic,
-)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class InstructOptions:
-    """All options of one instruction-tuning run (CLI flags, YAML presets and defaults resolve into it)."""
+# Per-method learning rates measured on SmolLM2-135M (docs/results_instruct.md).
+DEFAULT_LR = {"melora": 5e-3, "lora": 2e-3, "full": 2e-5}
+DEFAULTS: dict[str, Any] = {
+    "epochs": 1.0,
+    "batch_size": 4,
+    "eval_batch_size": 8,
+    "warmup_ratio": 0.03,
+    "weight_decay": 0.0,
+}
 
-    data: list[str] = field(default_factory=list)
-    output_dir: str = ""
-    model: str = "smollm2"
-    method: str = "melora"
-    r: int = 1
-    n: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    template: str = "alpaca"
-    train_on_inputs: bool = False
-    cutoff_len: int = 256
-    max_samples: int | None = None
-    val_size: int = 64
-    data_seed: int = 0
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 4
-    eval_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    seed: int = 42
-    group_by_length: bool = False
-    packing: bool = False
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    logging_steps: int = 1
-    eval_base: bool = True
-    threads: int | None = None
-    progress: bool = True
-    label: str | None = None
+
+@dataclass
+class InstructArgs:
+    """The model and data of one instruction-tuning run."""
+
+    data: list[str] | None = opt(None, "Alpaca/Dolly .json/.jsonl files, folders or hub names (required)")
+    model: str = opt("smollm2", "hub name, local HF folder, .gguf file or alias (smollm2)")
+    template: str = opt("alpaca", "prompt template: alpaca or the model's chat template", choices=TEMPLATES)
+    train_on_inputs: bool = opt(False, "put the prompt in the loss too (the authors' setting)")
+    max_length: int = opt(256, "max tokens per example (longer ones are cut)")
+    max_train_samples: int | None = opt(None, "training examples to keep after the held-out split")
+    val_size: int = opt(64, "held-out examples")
+    data_seed: int = opt(0, "seed of the train/held-out split")
+    packing: bool = opt(False, "concatenate whole examples into max-length sequences")
+    group_by_length: bool = opt(False, "batch examples of similar length together")
+    bf16: bool = opt(False, "load in bfloat16 and train with bf16 autocast (GPUs)")
+    gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
+    logging_steps: int = opt(1, "log the training loss every K steps")
+    eval_base: bool = opt(True, "also measure the held-out loss before training")
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
             self.data = [self.data]
-        if isinstance(self.target_modules, str):
-            self.target_modules = [self.target_modules]
         problems = []
-        checks = [
-            (bool(self.data), "data", self.data, "at least one file, folder or hub dataset name"),
-            (
-                bool(self.output_dir),
-                "output_dir",
-                self.output_dir,
-                "a folder for the adapter and results.json",
-            ),
-            (self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}"),
-            (self.template in TEMPLATES, "template", self.template, f"one of {', '.join(TEMPLATES)}"),
-            (self.r > 0, "r", self.r, "a positive integer"),
-            (self.n > 0, "n", self.n, "a positive integer"),
-            (self.cutoff_len > 1, "cutoff_len", self.cutoff_len, "an integer > 1"),
-            (self.val_size >= 0, "val_size", self.val_size, "an integer >= 0"),
-            (
-                self.max_samples is None or self.max_samples > 0,
-                "max_samples",
-                self.max_samples,
-                "None or > 0",
-            ),
-            (self.epochs > 0 or self.max_steps > 0, "epochs", self.epochs, "> 0 unless max_steps > 0"),
-            (self.batch_size > 0, "batch_size", self.batch_size, "a positive integer"),
-            (self.eval_batch_size > 0, "eval_batch_size", self.eval_batch_size, "a positive integer"),
-            (self.grad_accum > 0, "grad_accum", self.grad_accum, "a positive integer"),
-            (self.lr > 0, "lr", self.lr, "a positive learning rate"),
-            (0 <= self.dropout < 1, "dropout", self.dropout, "a probability in [0, 1)"),
-            (self.threads is None or self.threads > 0, "threads", self.threads, "None or a positive integer"),
-        ]
-        for ok, name, value, expected in checks:
-            if not ok:
-                problems.append(f"{name}={value!r}: expected {expected}")
+        if not self.data:
+            problems.append("data is required: pass --data FILE_OR_FOLDER (or set data in the preset)")
+        if self.template not in TEMPLATES:
+            problems.append(f"template={self.template!r}: choose one of {', '.join(TEMPLATES)}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            problems.append(f"max_length={self.max_length!r}: expected an integer > 1")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            problems.append(f"max_train_samples={self.max_train_samples!r}: expected a positive integer")
+        if self.val_size < 0:
+            problems.append(f"val_size={self.val_size!r}: expected an integer >= 0")
         if problems:
-            raise ValueError("Invalid instruct options:\n  " + "\n  ".join(problems))
+            raise UserError("Invalid instruct options: " + "; ".join(problems) + ".")
+
+
+@dataclass
+class InstructRun:
+    """Everything one instruction-tuning run needs: data/model, adapter and training loop."""
+
+    instruct: InstructArgs
+    adapter: AdapterArgs
+    train: TrainArgs
+
+    PARTS = {"instruct": InstructArgs, "adapter": AdapterArgs, "train": TrainArgs}
+
+    def __post_init__(self) -> None:
+        if self.train.lr is None:
+            self.train.lr = DEFAULT_LR[self.adapter.method]
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> InstructOptions:
-        """Build from a merged option mapping; unknown keys (e.g. YAML typos) are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known - {"config", "command"})
-        if unknown:
-            raise ValueError(
-                f"Unknown instruct option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}."
-            )
-        return cls(**{key: value for key, value in options.items() if key in known})
+    def from_options(
+        cls,
+        flags: dict[str, Any] | None = None,
+        preset: dict[str, Any] | None = None,
+        preset_path: str | None = None,
+    ) -> InstructRun:
+        """Defaults < preset < flags; unknown keys are a UserError naming the key (and the file)."""
+        return cls(
+            **resolve(cls.PARTS, defaults=DEFAULTS, preset=preset, preset_path=preset_path, flags=flags)
+        )
 
-    @property
-    def effective_batch_size(self) -> int:
-        """Per-device batch x gradient accumulation (x number of processes when distributed)."""
-        return self.batch_size * self.grad_accum
-
-    def run_label(self) -> str:
-        """Short label such as ``melora r=1 n=8``, ``lora r=64`` or ``full``."""
-        if self.label:
-            return self.label
-        if self.method == "melora":
-            return f"melora r={self.r} n={self.n}"
-        if self.method == "lora":
-            return f"lora r={self.r}"
-        return "full"
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self.instruct), **asdict(self.adapter), **asdict(self.train)}
 
 
-def _features(examples, tokenizer, options: InstructOptions) -> list[dict[str, list[int]]]:
+def _features(examples, tokenizer, args: InstructArgs) -> list[dict[str, list[int]]]:
     return [
-        tokenize_example(ex, tokenizer, options.cutoff_len, options.template, options.train_on_inputs)
+        tokenize_example(ex, tokenizer, args.max_length, args.template, args.train_on_inputs)
         for ex in examples
     ]
-
-
-def _training_arguments(options: InstructOptions, output_dir: Path):
-    from transformers import TrainingArguments
-
-    return TrainingArguments(
-        output_dir=str(output_dir / "trainer"),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.eval_batch_size,
-        gradient_accumulation_steps=options.grad_accum,
-        num_train_epochs=options.epochs,
-        max_steps=options.max_steps,
-        learning_rate=options.lr,
-        warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay,
-        lr_scheduler_type=options.lr_scheduler,
-        logging_steps=options.logging_steps,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        seed=options.seed,
-        bf16=options.bf16,
-        activation_checkpointing=options.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
-        train_sampling_strategy="group_by_length" if options.group_by_length else "random",
-        remove_unused_columns=False,
-        disable_tqdm=not options.progress,
-        use_cpu=not torch.cuda.is_available(),
-    )
 
 
 def _loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -194,173 +127,173 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
-def run_instruct(options: InstructOptions) -> dict[str, Any]:
-    """Train one model on instruction data and write the adapter + ``results.json``; return the results."""
+def run_instruct(run: InstructRun) -> dict[str, Any]:
+    """Train one model on instruction data and write the adapter + ``results.json``; return the results.
+
+    Checkpoints (``--save-strategy steps|epoch``) go to ``<output-dir>/checkpoints``; ``--resume``
+    continues from the last complete one. Returns ``{"stopped_at_step": k, ...}`` when
+    ``--stop-after-steps`` cut the run short.
+    """
     from transformers import Trainer, set_seed
 
+    from melora.accounting import parameter_counts
+    from melora.finetune.training import (
+        StopAfterSteps,
+        last_complete_checkpoint,
+        save_final,
+        trainable_checksum,
+        training_arguments,
+    )
     from melora.models import load_causal_lm
+    from melora.provenance import provenance
+    from melora.records import RunRecord
 
+    args, adapter, train = run.instruct, run.adapter, run.train
     start = time.time()
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    output_dir = Path(options.output_dir)
-    examples = load_examples(options.data)
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    output_dir = Path(train.output_dir)
+    examples = load_examples(args.data)
     train_examples, val_examples = split_examples(
-        examples, options.val_size, options.max_samples, seed=options.data_seed
+        examples, args.val_size, args.max_train_samples, seed=args.data_seed
     )
-    set_seed(options.seed)
-    dtype = torch.bfloat16 if options.bf16 else torch.float32
-    model, tokenizer = load_causal_lm(options.model, dtype=dtype)
+    set_seed(train.seed)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, tokenizer = load_causal_lm(args.model, dtype=dtype)
     model.config.use_cache = False
-    train_features = _features(train_examples, tokenizer, options)
-    if options.packing:
-        train_features = pack_features(train_features, options.cutoff_len)
-    val_features = _features(val_examples, tokenizer, options)
-    peft_config = build_peft_config(
-        options.method,
-        r=options.r,
-        n=options.n,
-        alpha=options.alpha,
-        dropout=options.dropout,
-        target_modules=options.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    model = apply_method(model, peft_config)
+    train_features = _features(train_examples, tokenizer, args)
+    if args.packing:
+        train_features = pack_features(train_features, args.max_length)
+    val_features = _features(val_examples, tokenizer, args)
+    model = adapter.apply(model, task_type="CAUSAL_LM")
     params = parameter_counts(model)
     logger.info(
         "%s: %d train / %d held-out examples, %s trainable parameters",
-        options.run_label(),
+        adapter.label,
         len(train_features),
         len(val_features),
         f"{params['trainable_params']:,}",
     )
-
+    checkpoints = output_dir / "checkpoints"
     trainer = Trainer(
         model=model,
-        args=_training_arguments(options, output_dir),
+        args=training_arguments(
+            train,
+            checkpoints,
+            logging_steps=args.logging_steps,
+            eval_strategy="no",
+            bf16=args.bf16,
+            activation_checkpointing=args.gradient_checkpointing,
+            activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
+            train_sampling_strategy="group_by_length" if args.group_by_length else "random",
+            remove_unused_columns=False,
+        ),
         data_collator=InstructCollator(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train_features,
         eval_dataset=val_features or None,
         processing_class=tokenizer,
+        callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
     )
-    heldout_base = trainer.evaluate()["eval_loss"] if val_features and options.eval_base else None
-    train_output = trainer.train()
+    checkpoint = last_complete_checkpoint(checkpoints) if train.resume else None
+    if train.resume and checkpoint is None:
+        logger.warning("--resume: no complete checkpoint in %s; starting from scratch", checkpoints)
+    heldout_base = None
+    if val_features and args.eval_base:
+        heldout_base = trainer.evaluate()["eval_loss"]
+    train_output = trainer.train(resume_from_checkpoint=checkpoint)
+    state = trainer.state
+    if train.stop_after_steps and state.global_step < state.max_steps:
+        return {"stopped_at_step": state.global_step, "checkpoint": last_complete_checkpoint(checkpoints)}
     heldout = trainer.evaluate()["eval_loss"] if val_features else None
-    save_dir = output_dir / ("model" if options.method == "full" else "adapter")
-    trainer.save_model(str(save_dir))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(save_dir))
+    save_dir = output_dir / ("model" if adapter.method == "full" else "adapter")
 
-    curve = _loss_curve(trainer.state.log_history)
+    curve = _loss_curve(state.log_history)
     summary = {"instruct/train_loss": float(train_output.training_loss)}
     if curve:
         summary["instruct/train_loss_last"] = float(curve[-1]["loss"])
     if heldout is not None:
         summary["instruct/heldout_loss"] = float(heldout)
-    if heldout_base is not None:
-        summary["instruct/heldout_loss_base"] = float(heldout_base)
-    results = {
-        "kind": "instruct",
-        "label": options.run_label(),
-        "method": options.method,
-        "seed": options.seed,
-        "config": asdict(options),
-        "versions": environment_info(),
-        **params,
-        "wall_time_s": round(time.time() - start, 2),
-        "summary": summary,
-        "loss_curve": curve,
-        "num_train_examples": len(train_examples),
-        "num_train_sequences": len(train_features),
-        "num_heldout_examples": len(val_examples),
-        "global_steps": trainer.state.global_step,
-        "saved_to": save_dir.name,
-    }
+    record = RunRecord(
+        kind="instruct",
+        label=adapter.label,
+        slug=adapter.slug,
+        method=adapter.method,
+        summary=summary,
+        seed=train.seed,
+        task="instruct",
+        adapter=asdict(adapter),
+        config=run.to_dict(),
+        trainable_params=params["trainable_params"],
+        adapter_params=params["adapter_params"],
+        equivalent_rank=params["equivalent_rank"],
+        wall_time_s=round(time.time() - start, 2),
+        versions=provenance(),
+        details={
+            "heldout_loss_base": None if heldout_base is None else float(heldout_base),
+            "loss_curve": curve,
+            "num_train_examples": len(train_examples),
+            "num_train_sequences": len(train_features),
+            "num_heldout_examples": len(val_examples),
+            "global_steps": state.global_step,
+            "saved_to": save_dir.name,
+            "resumed_from": checkpoint,
+            "trainable_checksum": trainable_checksum(model),
+            "total_params": params["total_params"],
+        },
+    )
     if trainer.is_world_process_zero():
-        write_json_atomic(output_dir / "results.json", results)
-    return results
+        save_final(model, tokenizer, save_dir)
+        record.write(output_dir)
+    return record.to_dict()
 
 
-def options_from_args(args: argparse.Namespace) -> InstructOptions:
-    """Defaults < YAML preset (``--config``) < command-line flags."""
-    preset = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return InstructOptions.from_dict(resolve_options(args, preset))
+def format_result(results: dict[str, Any]) -> str:
+    """The readable end-of-run summary: held-out loss before and after, parameters, time."""
+    lines = [
+        f"{results['label']}: {results['trainable_params']:,} trainable params, "
+        f"{results['num_train_examples']:,} examples, {results['wall_time_s'] / 60:.1f} min"
+    ]
+    summary = results["summary"]
+    if "instruct/heldout_loss" in summary:
+        base = results.get("heldout_loss_base")
+        before = f" (base model {base:.4f})" if base is not None else ""
+        lines.append(f"  held-out loss {summary['instruct/heldout_loss']:.4f}{before}")
+    lines.append(f"  training loss {summary['instruct/train_loss']:.4f}")
+    return "\n".join(lines)
 
 
 def _run(args: argparse.Namespace) -> int:
-    options = options_from_args(args)
-    results = run_instruct(options)
-    print(
-        f"{results['label']}: {results['trainable_params']:,} trainable params, {results['wall_time_s']:.0f} s"
-    )
-    for name, value in results["summary"].items():
-        print(f"  {name:32s} {value:.4f}")
-    print(f"results: {Path(options.output_dir) / 'results.json'}")
+    from melora.args import load_preset
+
+    run = InstructRun.from_options(vars(args), load_preset(args.config), args.config)
+    results = run_instruct(run)
+    if "stopped_at_step" in results:
+        print(f"stopped at step {results['stopped_at_step']}; rerun with --resume to continue")
+        return 0
+    print(format_result(results))
+    print(f"results: {Path(run.train.output_dir) / 'results.json'}; adapter: {results['saved_to']}/")
     return 0
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
-    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-
-
-def configure_parser(parser: argparse.ArgumentParser) -> None:
-    """Add the ``melora instruct`` flags; every default is None so YAML presets can fill them."""
-    parser.add_argument(
-        "--data", nargs="+", default=None, help="Alpaca/Dolly .json/.jsonl files, folders or hub names"
-    )
-    parser.add_argument(
-        "--model", default=None, help="hub name, local HF folder, .gguf file or alias (smollm2)"
-    )
-    parser.add_argument("--output-dir", default=None, help="where the adapter and results.json go")
-    add_adapter_args(parser)
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--template", choices=TEMPLATES, default=None, help="alpaca (default) or the model's chat template"
-    )
-    _bool_flag(data, "--train-on-inputs", "put the prompt in the loss too (the authors' setting)")
-    data.add_argument("--cutoff-len", type=int, default=None, help="max tokens per example (256)")
-    data.add_argument(
-        "--max-samples", type=int, default=None, help="training examples to keep after the split"
-    )
-    data.add_argument("--val-size", type=int, default=None, help="held-out examples (64)")
-    data.add_argument("--data-seed", type=int, default=None, help="seed of the train/held-out split (0)")
-    _bool_flag(data, "--group-by-length", "batch examples of similar length together")
-    _bool_flag(data, "--packing", "concatenate whole examples into cutoff-len sequences")
-    train = parser.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=None)
-    train.add_argument("--max-steps", type=int, default=None, help="overrides --epochs when > 0")
-    train.add_argument("--batch-size", type=int, default=None, help="per-device batch size")
-    train.add_argument("--eval-batch-size", type=int, default=None)
-    train.add_argument("--grad-accum", type=int, default=None, help="gradient accumulation steps")
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--warmup-steps", type=int, default=None)
-    train.add_argument("--weight-decay", type=float, default=None)
-    train.add_argument("--lr-scheduler", default=None, help="HF scheduler name (linear)")
-    train.add_argument("--seed", type=int, default=None)
-    _bool_flag(train, "--bf16", "load in bfloat16 and train with bf16 autocast (GPUs)")
-    _bool_flag(train, "--gradient-checkpointing", "trade compute for activation memory")
-    train.add_argument("--logging-steps", type=int, default=None)
-    _bool_flag(train, "--eval-base", "also measure the held-out loss before training (default on)")
-    train.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    _bool_flag(train, "--progress", "show progress bars (default on)")
-    train.add_argument("--label", default=None, help="run label in results.json")
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``melora instruct``."""
-    parser = subparsers.add_parser("instruct", help="instruction tuning (Alpaca / Dolly) of a causal LM")
-    configure_parser(parser)
+    """Register ``melora instruct`` (flags generated from InstructArgs, AdapterArgs, TrainArgs)."""
+    from melora.args import add_dataclass_args
+
+    parser = subparsers.add_parser(
+        "instruct",
+        help="instruction tuning (Alpaca / Dolly) of a causal LM",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default=None, help="YAML preset (configs/instruct/); flags override it")
+    add_dataclass_args(parser.add_argument_group("model and data"), InstructArgs)
+    add_dataclass_args(parser.add_argument_group("adapter"), AdapterArgs)
+    add_dataclass_args(parser.add_argument_group("training"), TrainArgs, defaults=DEFAULTS)
     parser.set_defaults(func=_run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point for ``python -m melora.finetune.instruct`` (same flags as ``melora instruct``)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="melora instruct", description=__doc__.splitlines()[0])
-    configure_parser(parser)
-    return _run(parser.parse_args(argv))
+if __name__ == "__main__":  # python -m melora.finetune.instruct ... (for accelerate launch)
+    from melora.cli import main as cli_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main(["instruct", *sys.argv[1:]]))

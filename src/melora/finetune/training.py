@@ -1,0 +1,122 @@
+"""What both runners do around the HF ``Trainer``: its arguments, checkpoints, the final atomic save.
+
+- :func:`training_arguments`: ``TrainArgs`` -> ``TrainingArguments`` (CPU gives gloo DDP under torchrun);
+- :func:`last_complete_checkpoint`: the newest ``checkpoint-*`` folder that a kill did not cut short;
+- :class:`StopAfterSteps`: checkpoint and stop at a step (an interruption, to test ``--resume``);
+- :func:`save_final`: the adapter (or full model) and tokenizer, written atomically into one folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from melora.args import TrainArgs
+
+logger = logging.getLogger(__name__)
+
+# Files Trainer writes last into a checkpoint: with them present the checkpoint is whole.
+_CHECKPOINT_STATE = "trainer_state.json"
+_CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+
+
+def training_arguments(train: TrainArgs, output_dir: str | os.PathLike, **overrides: Any):
+    """``TrainingArguments`` from the shared fields; runner-specific settings come as ``overrides``."""
+    from transformers import TrainingArguments
+
+    options: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": train.epochs,
+        "max_steps": train.max_steps,
+        "per_device_train_batch_size": train.batch_size,
+        "per_device_eval_batch_size": train.eval_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "learning_rate": train.lr,
+        "weight_decay": train.weight_decay,
+        # an int counts steps; a float in [0, 1) is a ratio of the total steps
+        "warmup_steps": train.warmup_steps if train.warmup_steps > 0 else train.warmup_ratio,
+        "lr_scheduler_type": train.lr_scheduler,
+        "save_strategy": train.save_strategy,
+        "save_steps": train.save_steps,
+        "save_total_limit": 2 if train.save_strategy != "no" else None,
+        "seed": train.seed,
+        "data_seed": train.seed,
+        "report_to": "none",
+        "disable_tqdm": not train.progress,
+        "dataloader_num_workers": 0,
+        "use_cpu": not torch.cuda.is_available(),  # on CPU, torchrun then gives gloo DDP
+    }
+    options.update(overrides)
+    return TrainingArguments(**options)
+
+
+def _step(path: Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
+    """The newest ``checkpoint-N`` under ``folder`` holding trainer state and weights, or None.
+
+    A kill while Trainer writes a checkpoint leaves a folder without ``trainer_state.json`` (it is
+    written last); such a folder is skipped with a warning and the previous checkpoint is used.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    candidates = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True
+    )
+    for path in candidates:
+        whole = (path / _CHECKPOINT_STATE).is_file() and any(
+            (path / w).is_file() for w in _CHECKPOINT_WEIGHTS
+        )
+        if whole:
+            return str(path)
+        logger.warning("%s is incomplete (interrupted while saving); skipping it", path)
+    return None
+
+
+class StopAfterSteps(TrainerCallback):
+    """Save a checkpoint and stop at ``global_step == steps`` (an interrupted run, to test resuming)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.steps:  # no evaluation of a half-finished epoch
+            control.should_evaluate = False
+            control.should_save = False
+        return control
+
+
+def save_final(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike) -> Path:
+    """The adapter (PeftModel) or the whole model, with the tokenizer, written atomically to ``folder``."""
+    from melora.io import atomic_directory
+
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(folder)
+
+
+def trainable_checksum(model: torch.nn.Module) -> float:
+    """Sum of |w| over trainable weights (distributed ranks and resumed runs must agree)."""
+    return sum(float(p.detach().double().abs().sum()) for p in model.parameters() if p.requires_grad)
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

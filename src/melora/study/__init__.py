@@ -1,0 +1,1 @@
+"""Studies as files: ``melora study STUDY.yaml`` plans, runs (resumably) and reports."""

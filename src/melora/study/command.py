@@ -1,0 +1,252 @@
+"""``melora study STUDY.yaml``: plan a study's runs, run what is missing in parallel, then report.
+
+Each run is a ``melora glue|instruct --config <run>/run.yaml`` subprocess (its log in
+``<run>/run.log``), with ``threads_per_worker`` torch threads; ``workers`` of them run at once.
+A run's results.json is written atomically at its end, so a study killed at any point resumes by
+running the same command again: finished runs are skipped, unfinished ones start over. A run
+being executed by another live study process (``<run>/.running`` holds its pid) is left alone.
+After the last run (and with ``--report-only`` at any time) the report, its JSON and figures are
+written to ``<root>/report.md``, ``<root>/summary.json`` and ``<root>/figures/``.
+
+    melora study configs/studies/glue_minilm.yaml            # run / resume, then report
+    melora study configs/studies/glue_minilm.yaml --plan     # list the runs and their state
+    melora study configs/studies/glue_minilm.yaml --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from melora.study.plan import Job, Plan, is_done, plan_study
+from melora.study.spec import StudySpec, load_study
+
+logger = logging.getLogger(__name__)
+
+RUN_PRESET = "run.yaml"
+RUN_LOG = "run.log"
+LOCK = ".running"
+
+
+def run_options(spec: StudySpec, job: Job) -> dict[str, Any]:
+    """The flat options of one training run: base < task budget < adapter < lr, seed, output."""
+    from dataclasses import asdict
+
+    entry = spec.method(job.slug)
+    options: dict[str, Any] = {**spec.base, **spec.tasks[job.task]}
+    options.update({k: v for k, v in asdict(entry.adapter).items() if v is not None})
+    if spec.runner == "glue":
+        options["task"] = job.task
+    options.update(
+        lr=job.lr,
+        seed=job.seed,
+        output_dir=str(job.folder),
+        threads=spec.threads_per_worker,
+        progress=False,
+    )
+    return options
+
+
+def command_for(spec: StudySpec, job: Job) -> list[str]:
+    """The argv (after ``python -m melora.cli``) of ``job``; writes the run's preset for training runs."""
+    from melora.io import write_yaml_atomic
+
+    if job.kind == "train":
+        preset = job.folder / RUN_PRESET
+        write_yaml_atomic(preset, run_options(spec, job))
+        return [spec.runner, "--config", str(preset)]
+    ev = spec.eval
+    train_options = run_options(spec, job)
+    argv = [
+        "eval",
+        "--model",
+        str(train_options.get("model", "smollm2")),
+        "--adapter",
+        str(job.folder.parent),
+    ]
+    argv += [
+        "--tasks",
+        ",".join(ev.tasks),
+        "--batch-size",
+        str(ev.batch_size),
+        "--output-dir",
+        str(job.folder),
+    ]
+    if ev.limit is not None:
+        limit = (
+            ev.limit if not isinstance(ev.limit, dict) else ",".join(f"{k}={v}" for k, v in ev.limit.items())
+        )
+        argv += ["--limit", str(limit)]
+    if ev.data_dir:
+        argv += ["--data-dir", ev.data_dir]
+    if ev.allow_code_execution:
+        argv += ["--allow-code-execution"]
+    return argv + list(ev.extra)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def running_elsewhere(job: Job) -> bool:
+    lock = job.folder / LOCK
+    try:
+        pid = int(lock.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid() and _alive(pid)
+
+
+def execute(spec: StudySpec, job: Job) -> int:
+    """Run one job to completion in a subprocess; returns its exit status."""
+    if job.kind == "train" and job.folder.exists():
+        shutil.rmtree(job.folder)  # an unfinished earlier attempt: start over
+    elif job.kind == "eval" and job.folder.exists():
+        shutil.rmtree(job.folder)
+    job.folder.mkdir(parents=True, exist_ok=True)
+    argv = command_for(spec, job)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(spec.threads_per_worker),
+        "MKL_NUM_THREADS": str(spec.threads_per_worker),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    (job.folder / LOCK).write_text(str(os.getpid()))
+    try:
+        with open(job.folder / RUN_LOG, "w", encoding="utf-8") as log:
+            log.write("+ melora " + " ".join(argv) + "\n")
+            log.flush()
+            proc = subprocess.run(
+                [sys.executable, "-m", "melora.cli", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        return proc.returncode
+    finally:
+        (job.folder / LOCK).unlink(missing_ok=True)
+
+
+def _ready(job: Job, plan: Plan) -> bool:
+    """An evaluation waits for its training run."""
+    return job.kind != "eval" or is_done(
+        Job("train", job.task, job.slug, job.lr, job.seed, job.folder.parent)
+    )
+
+
+def run_study(spec: StudySpec, progress: bool = True) -> tuple[Plan, list[str]]:
+    """Run every missing job of ``spec`` (re-planning as runs finish); returns the final plan and failures."""
+    from tqdm.auto import tqdm
+
+    failed: set[str] = set()
+    running: dict[Future, Job] = {}
+    plan = plan_study(spec)
+    done = sum(is_done(j) for j in plan.jobs)
+    bar = tqdm(
+        total=len(plan.jobs), initial=done, desc=f"study {spec.name}", unit="run", disable=not progress
+    )
+    with ThreadPoolExecutor(max_workers=spec.workers) as pool:
+        while True:
+            plan = plan_study(spec, frozenset(failed))
+            bar.total = len(plan.jobs)
+            active = {j.name for j in running.values()}
+            todo = [
+                j
+                for j in plan.pending(is_done)
+                if j.name not in active
+                and j.name not in failed
+                and _ready(j, plan)
+                and not running_elsewhere(j)
+            ]
+            for job in todo[: spec.workers - len(running)]:
+                logger.info("start %s", job.name)
+                running[pool.submit(execute, spec, job)] = job
+            bar.set_postfix_str(f"running {len(running)}, failed {len(failed)}")
+            bar.refresh()
+            if not running:
+                break
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                code = future.result()
+                if code != 0 or not is_done(job):
+                    failed.add(job.name)
+                    logger.error("%s failed (exit %s); see %s", job.name, code, job.folder / RUN_LOG)
+                bar.update(1)
+    bar.close()
+    return plan_study(spec, frozenset(failed)), sorted(failed)
+
+
+def write_report(spec: StudySpec, plan: Plan) -> Path:
+    from melora.io import atomic_write_text, write_json_atomic
+    from melora.study.render import render_study
+
+    text, summary = render_study(spec, plan)
+    atomic_write_text(spec.root / "report.md", text + "\n")
+    write_json_atomic(spec.root / "summary.json", summary)
+    return spec.root / "report.md"
+
+
+def describe_plan(spec: StudySpec, plan: Plan) -> str:
+    lines = []
+    for job in plan.jobs:
+        state = "done" if is_done(job) else ("running elsewhere" if running_elsewhere(job) else "to run")
+        lines.append(f"{state:18s} {job.name}")
+    waiting = [f"{t}/{s}" for (t, s) in plan.sweeps if (t, s) not in plan.chosen]
+    if waiting:
+        lines.append(f"(learning rate still being tuned for {', '.join(waiting)}: more runs may follow)")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    spec = load_study(args.study)
+    if args.workers:
+        spec.workers = args.workers
+    if args.threads_per_worker:
+        spec.threads_per_worker = args.threads_per_worker
+    if args.plan:
+        print(describe_plan(spec, plan_study(spec)))
+        return 0
+    failed: list[str] = []
+    start = time.time()
+    if args.report_only:
+        plan = plan_study(spec)
+    else:
+        plan, failed = run_study(spec, progress=not args.no_progress)
+    report = write_report(spec, plan)
+    print(f"report: {report} ({time.time() - start:.0f} s)")
+    if failed:
+        print(
+            f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are {RUN_LOG} in each run folder"
+        )
+        return 1
+    return 0
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``melora study``."""
+    parser = subparsers.add_parser(
+        "study",
+        help="run a study file",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("study", help="the study YAML (configs/studies/)")
+    parser.add_argument("--plan", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument("--report-only", action="store_true", help="write the report from what has finished")
+    parser.add_argument("--workers", type=int, default=None, help="override the study's parallel runs")
+    parser.add_argument("--threads-per-worker", type=int, default=None, help="override torch threads per run")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=main)
+    return parser

@@ -1,0 +1,222 @@
+"""A finished (or partly finished) study as tables, paired comparisons and plots.
+
+The tables and the score-vs-parameters plot come from :mod:`melora.report` (the same code as
+``melora report``), over the runs at each method's chosen learning rate. Added here: the
+learning-rate sweep per task and method with the chosen point marked, the paired per-seed
+comparisons with 95% intervals and a verdict, and a plot of the n ablation when the study has one.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from melora.report import aggregate, cell_text, load_run, plot_score_vs_params
+from melora.study.plan import Plan, lr_text, read_metric
+from melora.study.spec import StudySpec
+from melora.study.stats import paired_difference
+
+
+def chosen_runs(spec: StudySpec, plan: Plan, kind: str = "train") -> list[dict[str, Any]]:
+    """The results of every finished run at its method's chosen learning rate."""
+    runs = []
+    for job in plan.jobs:
+        if job.kind == kind and plan.chosen.get((job.task, job.slug)) == job.lr and job.results.is_file():
+            runs.append(load_run(job.results))
+    return runs
+
+
+def per_seed(
+    spec: StudySpec, plan: Plan, task: str, slug: str, metric: str, kind: str = "train"
+) -> dict[int, float]:
+    out = {}
+    for job in plan.jobs:
+        if (job.kind, job.task, job.slug) == (kind, task, slug) and plan.chosen.get((task, slug)) == job.lr:
+            value = read_metric(job.results, metric)
+            if value is not None:
+                out[job.seed] = value
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def sweep_table(spec: StudySpec, plan: Plan) -> str:
+    """Per task and method: the score at each learning rate of the tuning seed, the chosen one in bold."""
+    lines = ["| task | method | " + "learning rate: score (tuning seed) | chosen |", "|---|---|---|---:|"]
+    for (task, slug), scores in sorted(plan.sweeps.items()):
+        chosen = plan.chosen.get((task, slug))
+        cells = []
+        for lr in sorted(scores):
+            text = f"{lr_text(lr)}: {_fmt(scores[lr])}"
+            cells.append(f"**{text}**" if lr == chosen else text)
+        edge = ""
+        if chosen is not None and chosen in (min(scores), max(scores)):
+            edge = " (edge: extension limit reached)"
+        lines.append(
+            f"| {task} | {spec.method(slug).label} | {', '.join(cells)} | "
+            f"{lr_text(chosen) + edge if chosen else 'pending'} |"
+        )
+    return "\n".join(lines)
+
+
+def comparisons(spec: StudySpec, plan: Plan, kind: str = "train") -> list[dict[str, Any]]:
+    """One row per (compare pair, task) and, for instruct studies with evals, per eval metric."""
+    rows = []
+    for a, b in spec.compare:
+        for task in spec.tasks:
+            metrics = [spec.metric_for(task)]
+            if kind == "eval":
+                metrics = sorted({m for r in chosen_runs(spec, plan, "eval") for m in r["summary"]})
+            for metric in metrics:
+                paired = paired_difference(
+                    per_seed(spec, plan, task, a, metric, kind), per_seed(spec, plan, task, b, metric, kind)
+                )
+                if paired is None:
+                    continue
+                rows.append({"a": a, "b": b, "task": task, "metric": metric, "paired": paired,
+                             "verdict": paired.verdict(spec.lower_is_better(metric))})  # fmt: skip
+    return rows
+
+
+def comparison_table(spec: StudySpec, rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| comparison | task | metric | per-seed differences (a - b) | mean [95% interval] | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        p = row["paired"]
+        diffs = ", ".join(f"s{s}: {d:+.4f}" for s, d in zip(p.seeds, p.differences))
+        interval = f"{p.mean:+.4f} [{p.low:+.4f}, {p.high:+.4f}]" if p.low is not None else f"{p.mean:+.4f}"
+        name = f"{spec.method(row['a']).label} vs {spec.method(row['b']).label}"
+        lines.append(
+            f"| {name} | {row['task']} | {row['metric']} | {diffs} | {interval} | {row['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_sweeps(spec: StudySpec, plan: Plan, path: Path) -> None:
+    """Score vs learning rate (log x) per task, one line per method, the chosen point circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in spec.tasks if any(k[0] == t for k in plan.sweeps)]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (t, slug), scores in sorted(plan.sweeps.items()):
+            if t != task:
+                continue
+            points = sorted((lr, v) for lr, v in scores.items() if v is not None and not math.isnan(v))
+            if not points:
+                continue
+            (line,) = ax.plot(*zip(*points), marker="o", label=spec.method(slug).label)
+            chosen = plan.chosen.get((t, slug))
+            if chosen is not None and scores.get(chosen) is not None:
+                ax.plot([chosen], [scores[chosen]], "o", ms=12, mfc="none", color=line.get_color())
+        ax.set_xscale("log")
+        ax.set_title(f"{task}: {spec.metric_for(task).split('/')[-1]}", fontsize=9)
+        ax.set_xlabel("learning rate")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_n_ablation(spec: StudySpec, plan: Plan, path: Path) -> bool:
+    """Score vs n for MELoRA methods sharing r (when the study has >= 3 values of n); False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_r: dict[int, list] = {}
+    for entry in spec.methods:
+        if entry.adapter.method == "melora":
+            by_r.setdefault(entry.adapter.r, []).append(entry)
+    series = {r: entries for r, entries in by_r.items() if len({e.adapter.n for e in entries}) >= 3}
+    if not series:
+        return False
+    tasks = list(spec.tasks)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    plotted = False
+    for ax, task in zip(axes[0], tasks):
+        metric = spec.metric_for(task)
+        for r, entries in series.items():
+            xs, means, stds = [], [], []
+            for entry in sorted(entries, key=lambda e: e.adapter.n):
+                values = list(per_seed(spec, plan, task, entry.slug, metric).values())
+                if values:
+                    mean = sum(values) / len(values)
+                    std = (
+                        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                        if len(values) > 1
+                        else 0
+                    )
+                    xs.append(entry.adapter.n), means.append(mean), stds.append(std)
+            if len(xs) >= 2:
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"MELoRA r={r}")
+                plotted = True
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("n (mini LoRAs)")
+        ax.set_title(f"{task}: {metric.split('/')[-1]}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    if plotted:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return plotted
+
+
+def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
+    """The study report (markdown) and its JSON summary; figures are written under ``<root>/figures``."""
+    from melora.report import markdown_tables
+
+    figures = spec.root / "figures"
+    sections = [f"# Study {spec.name}", "", f"Study file: `{spec.source}`; runs under `{spec.root}`.", ""]
+    runs = chosen_runs(spec, plan)
+    summary: dict[str, Any] = {
+        "study": spec.name,
+        "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
+    }
+    if runs:
+        metric_keys = "|".join(sorted({spec.metric_for(t).replace("/", "/") for t in spec.tasks}))
+        groups = aggregate(runs, keys=f"^({metric_keys})$")
+        sections += ["## Scores at each method's chosen learning rate", "", markdown_tables(groups)]
+        plot_score_vs_params(groups, figures / "score_vs_params.png")
+        sections += ["![score vs trainable parameters](figures/score_vs_params.png)", ""]
+        summary["groups"] = [
+            {"label": g.label, "metric": g.metric, "mean": g.mean, "std": g.std, "n": len(g.values),
+             "cell": cell_text(g)} for g in groups
+        ]  # fmt: skip
+    if plan.sweeps:
+        sections += ["## Learning-rate sweeps (chosen point in bold)", "", sweep_table(spec, plan), ""]
+        plot_sweeps(spec, plan, figures / "lr_sweeps.png")
+        sections += ["![learning-rate sweeps](figures/lr_sweeps.png)", ""]
+    if plot_n_ablation(spec, plan, figures / "n_ablation.png"):
+        sections += ["## The n ablation", "", "![score vs n](figures/n_ablation.png)", ""]
+    rows = comparisons(spec, plan)
+    if rows:
+        sections += ["## Paired comparisons (same seeds)", "", comparison_table(spec, rows), ""]
+        summary["comparisons"] = [
+            {**{k: v for k, v in row.items() if k != "paired"}, "mean": row["paired"].mean,
+             "low": row["paired"].low, "high": row["paired"].high, "seeds": list(row["paired"].seeds),
+             "differences": list(row["paired"].differences)} for row in rows
+        ]  # fmt: skip
+    if spec.eval is not None:
+        evals = chosen_runs(spec, plan, "eval")
+        if evals:
+            sections += ["## Evaluations of the chosen runs", "", markdown_tables(aggregate(evals)), ""]
+            eval_rows = comparisons(spec, plan, "eval")
+            if eval_rows:
+                sections += ["Paired, on the evaluations:", "", comparison_table(spec, eval_rows), ""]
+    return "\n".join(sections), summary
