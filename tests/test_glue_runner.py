@@ -330,3 +330,11 @@ def test_modules_to_save_adds_the_pooler_to_the_trained_head(tiny, tmp_path):
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("pooler" in key for key in weights) and any("classifier" in key for key in weights)
     assert results["trainable_params"] == 512 + (64 * 64 + 64) + (64 * 2 + 2)  # MELoRA + pooler + classifier
+
+
+def test_results_record_the_options_as_given(tiny, tmp_path):
+    """PEFT appends the task head to a config's modules_to_save; the recorded options must not change."""
+    results = run_glue(tiny_config(tiny, tmp_path, modules_to_save=["pooler"], epochs=1, save_model=False))
+    assert results["adapter"]["modules_to_save"] == ["pooler"]
+    assert results["config"]["modules_to_save"] == ["pooler"]
+    assert not (tmp_path / "adapter").exists()

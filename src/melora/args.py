@@ -117,9 +117,14 @@ class AdapterArgs:
         return f"lora-r{self.r}" if self.method == "lora" else "full"
 
     def peft_config(self, task_type: str | None = None):
-        """A MELoRAConfig / LoraConfig for this method, or None for full fine-tuning."""
+        """A MELoRAConfig / LoraConfig for this method, or None for full fine-tuning.
+
+        The configs get copies of the module lists: PEFT appends the task head to ``modules_to_save``.
+        """
         if self.method == "full":
             return None
+        targets = list(self.target_modules) if self.target_modules is not None else None
+        to_save = list(self.modules_to_save) if self.modules_to_save is not None else None
         if self.method == "melora":
             from melora.tuner.config import MELoRAConfig
 
@@ -128,8 +133,8 @@ class AdapterArgs:
                 n=self.n,
                 alpha=self.alpha,
                 dropout=self.dropout,
-                target_modules=self.target_modules,
-                modules_to_save=self.modules_to_save,
+                target_modules=targets,
+                modules_to_save=to_save,
                 task_type=task_type,
             )
         from peft import LoraConfig
@@ -138,8 +143,8 @@ class AdapterArgs:
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=self.target_modules,
-            modules_to_save=self.modules_to_save,
+            target_modules=targets,
+            modules_to_save=to_save,
             task_type=task_type,
         )
 

@@ -1,0 +1,262 @@
+"""melora study: parsing, planning with grid extension, resume, paired statistics, report output."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from melora.args import UserError
+from melora.records import RunRecord
+from melora.study.command import run_options
+from melora.study.plan import is_done, plan_study
+from melora.study.render import render_study
+from melora.study.spec import parse_study
+from melora.study.stats import paired_difference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def study(tmp_path, **overrides) -> dict:
+    data = {
+        "name": "t",
+        "runner": "glue",
+        "output_dir": str(tmp_path / "study"),
+        "tasks": {"rte": {"epochs": 2}},
+        "methods": [{"method": "lora", "r": 8}, {"method": "melora", "r": 1, "n": 8}],
+        "seeds": [0, 1, 2],
+        "lr_grid": {"lora": [1e-3, 3e-3], "melora": [1e-3, 3e-3]},
+        "tune": {"seed": 0, "extend": 2, "factor": 3},
+        "compare": [["melora-r1-n8", "lora-r8"]],
+    }
+    data.update(overrides)
+    return data
+
+
+def finish(job, value: float, metric: str = "rte/accuracy_best", params: int = 1000) -> None:
+    """Write a results.json for ``job`` as the runner would (only the fields the study reads)."""
+    slug = job.slug
+    method = slug.split("-")[0]
+    label = {"lora-r8": "lora r=8", "melora-r1-n8": "melora r=1 n=8"}.get(slug, slug)
+    RunRecord("glue", label, slug, method, {metric: value}, seed=job.seed, task=job.task,
+              config={"lr": job.lr, "seed": job.seed}, trainable_params=params).write(job.folder)  # fmt: skip
+
+
+def test_study_file_errors_name_the_key_and_the_file(tmp_path):
+    with pytest.raises(UserError, match=r"s.yaml: unknown key 'lr_grids' \(did you mean 'lr_grid'\?\)"):
+        parse_study({**study(tmp_path), "lr_grids": {}}, "s.yaml")
+    with pytest.raises(UserError, match=r"methods\[0\]: unknown key 'rank'"):
+        parse_study(study(tmp_path, methods=[{"method": "lora", "rank": 8}]), "s.yaml")
+    with pytest.raises(UserError, match=r"compare entry \['melora-r1-n8', 'dora'\] must be two method slugs"):
+        parse_study(study(tmp_path, compare=[["melora-r1-n8", "dora"]]), "s.yaml")
+    with pytest.raises(UserError, match=r"no learning rates for full"):
+        parse_study(study(tmp_path, methods=[{"method": "full"}], compare=[]), "s.yaml")
+    with pytest.raises(UserError, match=r"methods \['lora-r8'\] appear twice"):
+        parse_study(
+            study(tmp_path, methods=[{"method": "lora"}, {"method": "lora", "r": 8}], compare=[]), "s.yaml"
+        )
+
+
+def test_every_study_file_in_configs_parses():
+    files = sorted((REPO / "configs" / "studies").glob("*.yaml"))
+    assert files, "configs/studies/ holds the project's studies"
+    for path in files:
+        spec = parse_study(yaml.safe_load(path.read_text()), str(path))
+        assert path.read_text().startswith("# melora study "), (
+            f"{path} must start with the command that runs it"
+        )
+        assert plan_study(spec).jobs
+
+
+def test_plan_tunes_then_extends_an_edge_optimum_then_runs_the_seeds(tmp_path):
+    spec = parse_study(study(tmp_path, methods=[{"method": "lora", "r": 8}], compare=[]))
+    plan = plan_study(spec)
+    assert [(j.lr, j.seed) for j in plan.jobs] == [(1e-3, 0), (3e-3, 0)]  # the grid at the tuning seed
+    scores = {1e-3: 0.60, 3e-3: 0.65, 9e-3: 0.70, 2.7e-2: 0.66}  # rising to 9e-3, then falling
+    for job in plan.jobs:
+        finish(job, scores[job.lr])
+    plan = plan_study(spec)
+    assert [j.lr for j in plan.pending(is_done)] == [9e-3]  # best at the top edge: one more point up
+    finish(plan.pending(is_done)[0], scores[9e-3])
+    plan = plan_study(spec)
+    assert [j.lr for j in plan.pending(is_done)] == [2.7e-2]  # 9e-3 is the new edge
+    finish(plan.pending(is_done)[0], scores[2.7e-2])
+    plan = plan_study(spec)
+    assert plan.chosen[("rte", "lora-r8")] == 9e-3  # interior now
+    assert [(j.lr, j.seed) for j in plan.pending(is_done)] == [(9e-3, 1), (9e-3, 2)]
+    assert plan.extended[("rte", "lora-r8")] == [9e-3, 2.7e-2]
+    assert (tmp_path / "study" / "rte" / "lora-r8" / "lr0.009" / "seed1") == plan.pending(is_done)[0].folder
+
+
+def test_extension_stops_at_the_limit_and_lower_is_better_for_losses(tmp_path):
+    spec = parse_study(
+        study(
+            tmp_path,
+            runner="instruct",
+            tasks={"instruct": {}},
+            methods=[{"method": "melora"}],
+            compare=[],
+            lr_grid={"melora": [1e-3, 3e-3]},
+            tune={"extend": 1, "factor": 10},
+        )  # fmt: skip
+    )
+    assert spec.metric_for("instruct") == "instruct/heldout_loss"
+    for _ in range(3):
+        for job in plan_study(spec).pending(is_done):
+            finish(
+                job, 2.0 + math.log10(job.lr) * 0.01, metric="instruct/heldout_loss"
+            )  # lower loss at lower lr
+    plan = plan_study(spec)
+    assert sorted(plan.sweeps[("instruct", "melora-r1-n8")]) == [1e-4, 1e-3, 3e-3]  # one extension down only
+    assert plan.chosen[("instruct", "melora-r1-n8")] == 1e-4  # the edge, with the limit reached
+
+
+def test_failed_or_unfinished_runs_do_not_count_as_done(tmp_path):
+    spec = parse_study(study(tmp_path, methods=[{"method": "lora", "lr": [1e-3]}], seeds=[0], compare=[]))
+    (job,) = plan_study(spec).jobs
+    job.folder.mkdir(parents=True)
+    (job.folder / "run.log").write_text("killed")
+    assert not is_done(job)
+    plan = plan_study(spec, failed=frozenset({job.name}))
+    assert plan.chosen[("rte", "lora-r8")] == 1e-3 and plan.pending(is_done) == [job]
+
+
+def test_paired_difference_matches_a_hand_computation():
+    paired = paired_difference({0: 0.80, 1: 0.70, 2: 0.90, 3: 0.5}, {0: 0.75, 1: 0.72, 2: 0.80})
+    assert paired.seeds == (0, 1, 2)
+    diffs = [0.05, -0.02, 0.10]
+    mean = sum(diffs) / 3
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t_{0.975, 2} from a table
+    assert paired.differences == pytest.approx(tuple(diffs))
+    assert (paired.mean, paired.std) == (pytest.approx(mean), pytest.approx(sd))
+    assert (paired.low, paired.high) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert paired.verdict() == "ties"  # the interval holds 0
+    clear = paired_difference({0: 0.9, 1: 0.91, 2: 0.92}, {0: 0.8, 1: 0.8, 2: 0.81})
+    assert clear.verdict() == "beats" and clear.verdict(lower_is_better=True) == "loses to"
+    assert paired_difference({0: 1.0}, {0: 0.5}).verdict() == "too few seeds to call"
+    assert paired_difference({0: 1.0}, {1: 0.5}) is None
+
+
+def test_report_tables_sweeps_comparisons_and_plots(tmp_path):
+    spec = parse_study(study(tmp_path, tune={"extend": 0}, seeds=[0, 1]))
+    values = {
+        ("lora-r8", 1e-3): 0.6,
+        ("lora-r8", 3e-3): 0.7,
+        ("melora-r1-n8", 1e-3): 0.66,
+        ("melora-r1-n8", 3e-3): 0.5,
+    }
+    for _ in range(2):
+        for job in plan_study(spec).pending(is_done):
+            params = 2000 if job.slug == "lora-r8" else 500
+            finish(job, values[(job.slug, job.lr)] + 0.01 * job.seed, params=params)
+    plan = plan_study(spec)
+    text, summary = render_study(spec, plan)
+    assert "| melora r=1 n=8 | 500 | 0.665 ± 0.007 (2) |" in text  # lr 1e-3 chosen: 0.66, 0.67
+    assert "| lora r=8 | 2,000 | 0.705 ± 0.007 (2) |" in text
+    assert "**0.001: 0.6600**" in text and "**0.003: 0.7000**" in text  # chosen points in bold
+    assert "(edge: extension limit reached)" in text
+    (row,) = summary["comparisons"]
+    assert row["differences"] == pytest.approx([0.66 - 0.70, 0.67 - 0.71])
+    assert row["verdict"] == "loses to"  # identical differences: a zero-width interval below 0
+    for name in ("score_vs_params.png", "lr_sweeps.png"):
+        assert (spec.root / "figures" / name).stat().st_size > 1000
+
+
+def test_run_options_layer_base_task_method_and_run(tmp_path):
+    spec = parse_study(study(tmp_path, base={"model": "m", "epochs": 1, "batch_size": 8}))
+    job = plan_study(spec).jobs[0]
+    options = run_options(spec, job)
+    assert (options["model"], options["epochs"], options["batch_size"]) == ("m", 2, 8)  # task budget wins
+    assert (options["method"], options["r"], options["lr"], options["seed"], options["task"]) == (
+        "lora",
+        8,
+        1e-3,
+        0,
+        "rte",
+    )
+    assert options["output_dir"] == str(job.folder) and options["threads"] == 1
+
+
+@pytest.mark.slow
+def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
+    """A real study of tiny BERT runs (subprocesses): kill it mid-way, rerun, nothing finished reruns."""
+    from tests.test_glue_runner import WORDS  # noqa: F401  (the tiny fixture's vocabulary)
+
+    tiny = _tiny_glue(tmp_path)
+    data = study(
+        tmp_path,
+        base={
+            "model": tiny["model"],
+            "data_dir": tiny["data_dir"],
+            "batch_size": 8,
+            "eval_batch_size": 8,
+            "max_length": 32,
+            "save_model": False,
+        },  # fmt: skip
+        tasks={"rte": {"epochs": 1}},
+        seeds=[0, 1],
+        lr_grid={"lora": [1e-3, 1e-2], "melora": [1e-3, 1e-2]},
+        tune={"extend": 0},
+        workers=2,
+    )
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress"]
+    first = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    root = Path(data["output_dir"])
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(root.rglob("results.json")):
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the study and its running workers die at once
+    first.wait()
+    finished = {p: p.stat().st_mtime_ns for p in root.rglob("results.json")}
+    assert finished, "no run finished before the kill"
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items()), "a finished run was run again"
+    results = sorted(root.rglob("seed*/results.json"))
+    assert len(results) == 6  # 2 methods x (2 lrs at seed 0 + 1 more seed at the chosen lr)
+    report = (root / "report.md").read_text()
+    assert "Paired comparisons" in report and "melora r=1 n=8 vs lora r=8" in report
+    summary = json.loads((root / "summary.json").read_text())
+    assert set(summary["chosen_lr"]) == {"rte/lora-r8", "rte/melora-r1-n8"}
+
+
+def _tiny_glue(tmp_path) -> dict:
+    import random
+
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    from tests.test_glue_runner import WORDS
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    vocab = model_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, count in (("train", 32), ("dev", 16)):
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(count):
+            s2 = " ".join(rng.choices(WORDS[:-2], k=3))
+            lines.append(f"{i}\ta b\t{s2}\t{'entailment' if 'yes' in s2.split() else 'not_entailment'}")
+        (tmp_path / "data" / "RTE").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return {"model": str(model_dir), "data_dir": str(tmp_path / "data")}
