@@ -14,9 +14,10 @@ import torch
 
 from melora.bench.analysis import evaluate_targets, summary_metrics
 from melora.bench.config import Experiment, LayerShape, MethodSpec, ModelCase
-from melora.bench.configurations import WorkloadFactory, resolve_device
+from melora.bench.configurations import WorkloadFactory
 from melora.bench.harness import KINDS, measure_interleaved, stats
 from melora.bench.memory import measure_in_subprocess
+from melora.bench.workload import resolve_device
 
 logger = logging.getLogger(__name__)
 

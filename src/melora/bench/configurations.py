@@ -12,30 +12,14 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from melora.bench.config import Experiment, LayerShape, MethodSpec, ModelCase
+from melora.bench.kernels import kernel_workload
 from melora.bench.loop_baseline import apply_loop_baseline, loop_layers
-
-
-@dataclass
-class Workload:
-    """One configuration ready to time."""
-
-    spec: MethodSpec
-    model: nn.Module
-    train_step: Callable[[], None]
-    forward: Callable[[], None]
-    merge: Callable[[], None]
-    unmerge: Callable[[], None]
-    trainable_params: int
-
-    @property
-    def label(self) -> str:
-        return self.spec.label
+from melora.bench.workload import Workload
 
 
 class SingleLinear(nn.Module):
@@ -47,19 +31,6 @@ class SingleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device: auto or cpu.")
-    return torch.device(name)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def attach_adapter(
@@ -74,12 +45,13 @@ def attach_adapter(
         return apply_loop_baseline(model, targets, r=spec.r, n=spec.n, alpha=alpha)
     import peft
 
-    import melora  # registers MELORA with PEFT
+    import melora  # noqa: F401  (registers MELORA with PEFT)
+    from melora.args import AdapterArgs
 
-    if spec.name == "melora":
-        config = melora.MELoRAConfig(r=spec.r, n=spec.n, alpha=alpha, target_modules=targets)
-    elif spec.name == "lora":
-        config = peft.LoraConfig(r=spec.r, lora_alpha=alpha, target_modules=targets)
+    if spec.name in ("melora", "lora"):  # the runners' schema builds the config, as for GLUE / instruct
+        n = spec.n if spec.name == "melora" else None
+        adapter = AdapterArgs(spec.name, r=spec.r, n=n, alpha=alpha, dropout=0.0, target_modules=targets)
+        config = adapter.peft_config()
     else:
         config = peft.GraloraConfig(r=spec.r, gralora_k=spec.k, alpha=alpha, target_modules=targets)
     return peft.get_peft_model(model, config)
@@ -206,8 +178,6 @@ class WorkloadFactory:
 
     def __call__(self, case: LayerShape | ModelCase, spec: MethodSpec) -> Workload:
         if self.experiment.level == "kernel":
-            from melora.bench.kernels import kernel_workload
-
             return kernel_workload(self.experiment, case, spec, self.device)
         if isinstance(case, LayerShape):
             return layer_workload(self.experiment, case, spec, self.device)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from melora.bench.configurations import Workload, synchronize
+from melora.bench.workload import Workload, synchronize
 
 logger = logging.getLogger(__name__)
 

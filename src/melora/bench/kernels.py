@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from melora.bench.config import KERNEL_VARIANTS, Experiment, LayerShape, MethodSpec
+from melora.bench.workload import Workload
 from melora.functional import block_diagonal, melora_forward
 
 Variant = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -82,8 +83,6 @@ def lora_path(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float)
 
 def kernel_workload(experiment: Experiment, shape: LayerShape, spec: MethodSpec, device: torch.device):
     """The adapter path alone: x (T, d) requires grad; train = forward + backward with a fixed output grad."""
-    from melora.bench.configurations import Workload
-
     dtype = getattr(torch, experiment.dtype)
     generator = torch.Generator().manual_seed(experiment.seed)
     d, r = shape.d, spec.r

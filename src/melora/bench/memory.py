@@ -57,7 +57,7 @@ def _release_memory() -> None:
 
 
 def _measure_workload(workload, device: torch.device, steps: int) -> dict[str, Any]:
-    from melora.bench.configurations import synchronize
+    from melora.bench.workload import synchronize
 
     if device.type == "cuda":
         synchronize(device)
@@ -85,7 +85,8 @@ def measure_in_this_process(
     experiment: Experiment, case: LayerShape | ModelCase, specs: list[MethodSpec]
 ) -> dict[str, dict[str, Any]]:
     """label -> memory numbers (MB) of warm-up + 1 training steps, one configuration after the other."""
-    from melora.bench.configurations import WorkloadFactory, resolve_device
+    from melora.bench.configurations import WorkloadFactory
+    from melora.bench.workload import resolve_device
 
     if experiment.threads:
         torch.set_num_threads(experiment.threads)
