@@ -9,7 +9,11 @@ the MELoRA update.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,11 @@ import torch
 from safetensors.torch import save_file
 
 from melora.functional import to_lora_factors
-from melora.io import ADAPTER_WEIGHTS, atomic_directory, read_adapter_config, read_adapter_weights
+from melora.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
 from melora.tuner.config import PEFT_TYPE, MELoRAConfig
 from melora.tuner.layer import MELoRALayer
+
+logger = logging.getLogger(__name__)
 
 
 def _factors_from_model(model: torch.nn.Module, adapter_name: str) -> tuple[MELoRAConfig, dict[str, Any]]:
@@ -32,21 +38,35 @@ def _factors_from_model(model: torch.nn.Module, adapter_name: str) -> tuple[MELo
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    layers = {
+        f"{name}.": (module.n[adapter_name], module.r[adapter_name])
+        for name, module in model.named_modules()
+        if isinstance(module, MELoRALayer) and adapter_name in module.melora_A
+    }
+    if config.peft_type == PEFT_TYPE:  # export_lora refuses other methods with its own message
+        check_adapter_tensors(
+            config,
+            state,
+            f"adapter {adapter_name!r} of the model",
+            lambda key: layers.get(key.rsplit(".", 1)[0] + ".", (config.n, config.r)),
+        )
     extra = {k: v for k, v in state.items() if ".melora_" not in k}
     return config, {"factors": factors, "extra": extra}
 
 
 def _factors_from_dir(adapter_dir: str | os.PathLike) -> tuple[MELoRAConfig, dict[str, Any]]:
     """(config, {saved-key prefix: (A, B)}) read off a saved adapter folder (safetensors only)."""
-    config_dict = read_adapter_config(adapter_dir)
-    if config_dict.get("peft_type") != PEFT_TYPE:
+    config_dict, state = read_adapter(adapter_dir)  # both from the same save, even during a re-save
+    config_file, weights_file = Path(adapter_dir) / ADAPTER_CONFIG, Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not isinstance(config_dict, dict) or config_dict.get("peft_type") != PEFT_TYPE:
+        found = config_dict.get("peft_type") if isinstance(config_dict, dict) else config_dict
         raise ValueError(
-            f"{Path(adapter_dir) / 'adapter_config.json'} has peft_type {config_dict.get('peft_type')!r}; "
-            f"export_lora needs a MELoRA adapter (peft_type {PEFT_TYPE!r})."
+            f"{config_file} has peft_type {found!r}; export_lora needs a MELoRA adapter (peft_type {PEFT_TYPE!r})."
         )
-    known = MELoRAConfig.__dataclass_fields__
-    config = MELoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "peft_type"})
-    state = read_adapter_weights(adapter_dir)
+    config = config_from_dict(config_dict, config_file)
+    if config.bias != "none":
+        raise ValueError(f"{config_file}: {_bias_message(config)}")
+    check_adapter_tensors(config, state, weights_file, lambda key: (config.n, config.r))
     factors = {}
     for key in state:
         if key.endswith(".melora_A"):
@@ -59,6 +79,17 @@ def _factors_from_dir(adapter_dir: str | os.PathLike) -> tuple[MELoRAConfig, dic
             factors[prefix] = (state[key], state[b_key])
     extra = {k: v for k, v in state.items() if ".melora_" not in k}
     return config, {"factors": factors, "extra": extra}
+
+
+def _write_lora_config(lora: Any, folder: Path) -> None:
+    """``lora.save_pretrained(folder)`` with name sets written sorted (LoraConfig keeps them as sets)."""
+    lora.save_pretrained(folder)
+    path = folder / ADAPTER_CONFIG
+    data = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(getattr(lora, key, None), set):
+            data[key] = sorted(getattr(lora, key))
+    path.write_text(json.dumps(data, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def _lora_config(config: MELoRAConfig, n_r: int) -> dict[str, Any]:
@@ -83,6 +114,7 @@ def _lora_config(config: MELoRAConfig, n_r: int) -> dict[str, Any]:
         task_type=config.task_type,
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
+        trainable_token_indices=config.trainable_token_indices,
     )
     return lora
 
@@ -112,10 +144,7 @@ def export_lora(
     if config.peft_type != PEFT_TYPE:
         raise ValueError(f"Adapter {adapter_name!r} is {config.peft_type}, not MELoRA: nothing to export.")
     if config.bias != "none":
-        raise ValueError(
-            f"bias={config.bias!r}: a standard LoRA adapter (and vLLM) carries no bias terms. Merge the adapter "
-            "instead (merge_and_unload) or train with bias='none'."
-        )
+        raise ValueError(_bias_message(config))
     if not parts["factors"]:
         raise ValueError("The adapter holds no MELoRA factors: nothing to export.")
     tensors = {}
@@ -127,9 +156,191 @@ def export_lora(
     tensors.update({k: v.contiguous() for k, v in parts["extra"].items()})
     lora_config = _lora_config(config, n_r=config.n * config.r)
     with atomic_directory(lora_dir) as tmp:
-        lora_config.save_pretrained(tmp)
+        _write_lora_config(lora_config, tmp)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return Path(lora_dir)
+
+
+# ---- validation of a saved adapter, before anything is written ---------------------------------------------
+
+_SAVED_PREFIX = "base_model.model."
+_MAX_LISTED = 25
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _is_token_indices(value: Any) -> bool:
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str) and isinstance(v, list) and all(map(_is_int, v)) for k, v in value.items()
+        )
+    return isinstance(value, list) and all(map(_is_int, value))
+
+
+# field -> (check, what it must be); the fields an export reads. Fields missing from the file keep defaults,
+# except the REQUIRED ones, which every saved MELoRA adapter has.
+CONFIG_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "alpha": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
+    "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "target_modules": (
+        lambda v: v is None or isinstance(v, str) or _is_names(v),
+        "a list of names, a regex or null",
+    ),
+    "exclude_modules": (
+        lambda v: v is None or isinstance(v, str) or _is_names(v),
+        "a list of names, a regex or null",
+    ),
+    "modules_to_save": (lambda v: v is None or _is_names(v), "a list of module names or null"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "bias": (lambda v: v in ("none", "all", "melora_only"), "'none', 'all' or 'melora_only'"),
+    "init_weights": (lambda v: isinstance(v, bool), "true or false"),
+    "layers_to_transform": (
+        lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
+        "an integer, a list of integers or null",
+    ),
+    "layers_pattern": (
+        lambda v: v is None or isinstance(v, str) or _is_names(v),
+        "a name, a list of names or null",
+    ),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a task type such as 'CAUSAL_LM', or null"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "trainable_token_indices": (
+        lambda v: v is None or _is_token_indices(v),
+        "a list of token ids, a {module: [token ids]} mapping or null",
+    ),
+}
+REQUIRED_CONFIG_FIELDS = ("r", "n", "alpha")
+
+
+def config_from_dict(config_dict: dict[str, Any], source: str | os.PathLike) -> MELoRAConfig:
+    """A MELoRAConfig from a saved adapter_config.json, every field's type checked; errors name ``source``."""
+    problems = [f"{name} is missing" for name in REQUIRED_CONFIG_FIELDS if name not in config_dict]
+    for name, (check, expected) in CONFIG_FIELD_CHECKS.items():
+        if name in config_dict and not check(config_dict[name]):
+            value = config_dict[name]
+            problems.append(f"{name}={value!r} ({type(value).__name__}): expected {expected}")
+    if problems:
+        raise ValueError(_problem_list(f"{source} is not a valid MELoRA adapter config", problems))
+    known = MELoRAConfig.__dataclass_fields__
+    unknown = sorted(set(config_dict) - set(known))
+    if unknown:  # as PEFT does for a config saved by a newer version
+        logger.warning("%s: ignoring unknown fields %s", source, unknown)
+    try:
+        return MELoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "peft_type"})
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: {err}") from err
+
+
+def _problem_list(headline: str, problems: list[str]) -> str:
+    listed = problems[:_MAX_LISTED]
+    more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+    return (
+        f"{headline} ({len(problems)} problem{'s' * (len(problems) > 1)}):\n  - "
+        + "\n  - ".join(listed)
+        + more
+    )
+
+
+def _in_modules_to_save(key: str, names: list[str]) -> bool:
+    """True if ``key`` is a tensor of a module named in modules_to_save (PEFT's name matching)."""
+    parts = key.removeprefix(_SAVED_PREFIX).split(".")
+    modules = (".".join(parts[:i]) for i in range(1, len(parts)))
+    return any(module == name or module.endswith(f".{name}") for module in modules for name in names)
+
+
+def _tensor_problem(key: str, tensor: torch.Tensor) -> str | None:
+    if not tensor.is_floating_point():
+        return f"{key}: dtype {tensor.dtype}, expected a floating point dtype (float32, bfloat16 or float16)"
+    if tensor.numel() == 0:
+        return f"{key}: empty tensor of shape {tuple(tensor.shape)}"
+    if not torch.isfinite(tensor).all():
+        bad = int((~torch.isfinite(tensor)).sum())
+        return f"{key}: {bad} of {tensor.numel()} values are NaN or infinite (diverged training?)"
+    return None
+
+
+def check_adapter_tensors(
+    config: MELoRAConfig,
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    expected_n_r: Callable[[str], tuple[int, int]],
+) -> None:
+    """Refuse an adapter whose tensors a LoRA export would get wrong; one error lists every problem.
+
+    Checks: every ``<module>.melora_A`` has its ``.melora_B`` and back; A is (n, r, k) and B is (n, o, r) with
+    the n and r that ``expected_n_r(key)`` gives (the config's, or the live layer's); all tensors floating
+    point, non-empty and finite; no key other than MELoRA factors, modules_to_save tensors and (with
+    trainable_token_indices) token deltas.
+    """
+    if config.bias != "none":
+        raise ValueError(f"{source}: {_bias_message(config)}")
+    to_save = list(config.modules_to_save or [])
+    problems = []
+    a_keys = {k.removesuffix(".melora_A") for k in state if k.endswith(".melora_A")}
+    b_keys = {k.removesuffix(".melora_B") for k in state if k.endswith(".melora_B")}
+    for module in sorted(a_keys - b_keys):
+        problems.append(f"{module}.melora_A has no {module}.melora_B: the layer's B factor is missing")
+    for module in sorted(b_keys - a_keys):
+        problems.append(f"{module}.melora_B has no {module}.melora_A: the layer's A factor is missing")
+    for key in sorted(state):
+        tensor = state[key]
+        is_factor = key.endswith((".melora_A", ".melora_B"))
+        is_token_delta = config.trainable_token_indices is not None and key.endswith(
+            ".trainable_tokens_delta"
+        )
+        if not (is_factor or is_token_delta or _in_modules_to_save(key, to_save)):
+            problems.append(
+                f"{key}: not a MELoRA factor (.melora_A / .melora_B) nor a tensor of modules_to_save "
+                f"{to_save}; base-model weights or another method's tensors do not belong in the adapter"
+            )
+            continue
+        problem = _tensor_problem(key, tensor)
+        if problem:
+            problems.append(problem)
+            continue
+        if is_factor:
+            problems.extend(_factor_shape_problems(key, tensor, state, expected_n_r))
+    if not problems and not a_keys:
+        problems.append("no MELoRA factors (<module>.melora_A / .melora_B): nothing to export")
+    if problems:
+        raise ValueError(_problem_list(f"{source} cannot be exported as a LoRA adapter", problems))
+
+
+def _factor_shape_problems(
+    key: str,
+    tensor: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    expected_n_r: Callable[[str], tuple[int, int]],
+) -> list[str]:
+    n, r = expected_n_r(key)
+    shape = tuple(tensor.shape)
+    if key.endswith(".melora_A"):
+        layout, ok = f"(n, r, d_in/n) = ({n}, {r}, k)", len(shape) == 3 and shape[:2] == (n, r)
+    else:
+        layout, ok = f"(n, d_out/n, r) = ({n}, o, {r})", len(shape) == 3 and (shape[0], shape[2]) == (n, r)
+    if not ok:
+        return [f"{key}: shape {shape}, expected {layout} for n={n}, r={r}"]
+    return []
+
+
+def _bias_message(config: MELoRAConfig) -> str:
+    return (
+        f"bias={config.bias!r}: a standard LoRA adapter (and vLLM) carries no bias terms. Merge the adapter "
+        "instead (merge_and_unload) or train with bias='none'."
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

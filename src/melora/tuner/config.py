@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,6 +21,11 @@ class PeftTypeName(str):
 
 
 PEFT_TYPE = PeftTypeName("MELORA")
+
+
+def _is_real(value: object) -> bool:
+    """True for int and float values (not bool, str or None): what arithmetic on alpha/dropout needs."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -91,10 +97,30 @@ class MELoRAConfig(PeftConfig):
             problems.append(
                 f"n={self.n!r}: the number of mini LoRAs must be an integer >= 1 (e.g. n=8; n=1 is plain LoRA)."
             )
-        if not 0.0 <= float(self.dropout) < 1.0:
-            problems.append(f"dropout={self.dropout!r}: must lie in [0, 1) (e.g. dropout=0.05).")
+        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            problems.append(
+                f"alpha={self.alpha!r}: the scaling numerator must be a finite number > 0 (e.g. alpha=16); "
+                "scaling = alpha / r."
+            )
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            problems.append(
+                f"dropout={self.dropout!r}: must lie in [0, 1) and be a number (e.g. dropout=0.05)."
+            )
         if self.bias not in ("none", "all", "melora_only"):
             problems.append(f"bias={self.bias!r}: choose 'none', 'all' or 'melora_only'.")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            # PEFT's LoraConfig sentence, verbatim, then the fix.
+            problems.append(
+                "`layers_to_transform` cannot be used when `target_modules` is a str. "
+                f"target_modules={self.target_modules!r} is a regex matched against full module names, so "
+                "layers_to_transform would be ignored: put the layer indices into the regex, or pass "
+                "target_modules as a list of names."
+            )
+        if isinstance(self.target_modules, str) and self.layers_pattern is not None:
+            problems.append(
+                "`layers_pattern` cannot be used when `target_modules` is a str. "
+                "Put the layer names into the regex, or pass target_modules as a list of names."
+            )
         if self.layers_pattern and not self.layers_to_transform:
             problems.append("layers_pattern is set but layers_to_transform is not: set both, or neither.")
         if problems:

@@ -158,12 +158,13 @@ class Linear(nn.Module, MELoRALayer):
 
     def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
         """Row b of the batch uses adapter ``adapter_names[b]`` ("__base__" = no adapter)."""
-        result = self.base_layer(x, *args, **kwargs)
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(
-                f"{self.module_name}: got {len(adapter_names)} adapter_names for a batch of {x.shape[0]} rows; "
-                "pass one name per row."
+            raise ValueError(  # PEFT's LoRA sentence verbatim, then the detail
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {x.shape[0]} respectively. {self.module_name}: got "
+                f"{len(adapter_names)} adapter_names for a batch of {x.shape[0]} rows; pass one name per row."
             )
+        result = self.base_layer(x, *args, **kwargs)
         for adapter in set(adapter_names):
             if adapter == BASE_ADAPTER_NAME or adapter not in self.melora_A:
                 continue
@@ -180,7 +181,11 @@ class Linear(nn.Module, MELoRALayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             if self.merged:
-                raise ValueError(f"{self.module_name}: unmerge the adapters before a mixed-adapter batch.")
+                raise ValueError(
+                    "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` "
+                    f"first. {self.module_name}: unmerge the adapters {self.merged_adapters} before a "
+                    "mixed-adapter batch."
+                )
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:

@@ -60,6 +60,27 @@ class MELoRAModel(BaseTuner):
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained by default
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(
+        self, parent: torch.nn.Module, child_name: str, new_module: torch.nn.Module, child: torch.nn.Module
+    ) -> None:
+        """Put ``new_module`` at ``parent.<child_name>``; adapter weights follow the device of the base weight.
+
+        BaseTuner's version also copies ``child.weight`` / ``child.bias`` onto any module without a
+        ``base_layer``. On unload that module is a ``modules_to_save`` copy, so the trained copy would get the
+        original weights back, and a module without ``.weight`` (e.g. BertPooler) raises AttributeError.
+        PEFT's LoRA overrides it the same way: only move the adapter's own sub-modules.
+        """
+        setattr(parent, child_name, new_module)
+        if not isinstance(new_module, MELoRALayer):
+            return
+        base = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        weight = getattr(base, "weight", None)
+        if weight is None or weight.device.type == "meta":
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
+                module.to(weight.device)
+
     @staticmethod
     def _create_new_module(
         config: MELoRAConfig, adapter_name: str, target: torch.nn.Module, module_name: str, **kwargs: Any
@@ -113,7 +134,10 @@ class MELoRAModel(BaseTuner):
             yield
             return
         if self.training:
-            raise ValueError("Cannot pass `adapter_names` in training mode: call model.eval() first.")
+            raise ValueError(
+                "Cannot pass `adapter_names` when the model is in training mode. Mixed-adapter batches are for "
+                "inference: call model.eval() first."
+            )
         known = set()
         for layer in self.modules():
             if isinstance(layer, MELoRALayer):
