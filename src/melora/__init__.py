@@ -2,16 +2,19 @@
 
 ``import melora`` registers the "MELORA" method with PEFT, so ``get_peft_model``,
 ``PeftModel.from_pretrained``, ``AutoPeftModel*`` and transformers' ``load_adapter`` work with it.
+
+The import itself is light (the ``melora`` command answers ``--help`` without loading PyTorch):
+when PEFT is already imported, MELoRA registers at once; otherwise it registers the moment PEFT
+is imported (by you, by transformers, or by using any name below, which load lazily).
 """
 
 from __future__ import annotations
 
-from melora.accounting import adapter_summary, format_summary
-from melora.export import export_lora
-from melora.io import save_adapter
-from melora.tuner import MELoRAConfig, MELoRALayer, MELoRAModel, register
-
-register()
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = [
@@ -23,3 +26,63 @@ __all__ = [
     "format_summary",
     "save_adapter",
 ]
+_LAZY = {
+    "MELoRAConfig": "melora.tuner",
+    "MELoRALayer": "melora.tuner",
+    "MELoRAModel": "melora.tuner",
+    "register": "melora.tuner",
+    "adapter_summary": "melora.accounting",
+    "format_summary": "melora.accounting",
+    "export_lora": "melora.export",
+    "save_adapter": "melora.io",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'melora' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _RegisterAfterPeft(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Wraps PEFT's loader once: after ``peft`` has executed, import melora.tuner (which registers)."""
+
+    def __init__(self) -> None:
+        self._loader: Any = None
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None):
+        if fullname != "peft":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            self._loader = spec.loader
+            spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        self._loader.exec_module(module)
+        module.__loader__ = self._loader
+        if module.__spec__ is not None:
+            module.__spec__.loader = self._loader
+        importlib.import_module("melora.tuner")  # registers at the end of its import
+
+    def __getattr__(self, name: str) -> Any:  # resource readers and the like: PEFT's own loader
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._loader, name)
+
+
+if "peft" in sys.modules:
+    importlib.import_module("melora.tuner")
+elif not any(isinstance(finder, _RegisterAfterPeft) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterPeft())

@@ -25,3 +25,6 @@ def register() -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = MELoRAConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = MELoRAModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = MELoRAModel.prefix
+
+
+register()  # importing the PEFT integration makes "MELORA" a PEFT method
