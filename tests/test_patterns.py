@@ -294,11 +294,12 @@ def test_short_pattern_key_only_when_all_modules_of_that_name_agree(tmp_path):
     assert (lora_out - model(**inputs).logits).abs().max() <= 1e-5
 
 
-def _llama_cpp_rule(lora_dir: Path) -> torch.nn.Module:
-    """A fresh tiny Llama with the LoRA merged the way llama.cpp applies it, ignoring rank/alpha patterns.
+def _merge_ignoring_patterns(lora_dir: Path, rule: str) -> torch.nn.Module:
+    """A fresh tiny Llama with the LoRA merged the way a tool that ignores rank/alpha patterns applies it.
 
-    llama.cpp's converter keeps only the config's single ``lora_alpha``; at run time each tensor's scale is
-    ``lora_alpha / rank`` with the rank read off lora_B's shape.
+    llama.cpp's converter keeps only the config's single ``lora_alpha`` and at run time scales each tensor by
+    ``lora_alpha / rank`` with the rank read off lora_B's shape; vLLM scales every module by the config's
+    ``lora_alpha / r``.
     """
     config = json.loads((lora_dir / "adapter_config.json").read_text())
     tensors = load_file(lora_dir / "adapter_model.safetensors")
@@ -311,25 +312,33 @@ def _llama_cpp_rule(lora_dir: Path) -> torch.nn.Module:
                 continue
             name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
             lora_B = tensors[key.replace(".lora_A.", ".lora_B.")]
-            scale = config["lora_alpha"] / lora_B.shape[1]
-            modules[name].weight += scale * lora_B @ lora_A
+            rank = lora_B.shape[1] if rule == "llama.cpp" else config["r"]
+            modules[name].weight += (config["lora_alpha"] / rank) * lora_B @ lora_A
     return base
 
 
-def test_fold_scaling_export_is_exact_for_plain_peft_and_for_the_llama_cpp_rule(tmp_path):
+def test_fold_scaling_export_is_exact_for_plain_peft_and_for_tools_that_ignore_patterns(tmp_path):
     _, model = _patterned()
     inputs = _inputs()
     out = model(**inputs).logits
     export_lora(model, tmp_path / "plain")
     export_lora(model, tmp_path / "folded", fold_scaling=True)
     config = json.loads((tmp_path / "folded" / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"]) == (12, 12)
-    assert config["rank_pattern"] == {"q_proj": 16} and config["alpha_pattern"] == {}
+    assert (config["r"], config["lora_alpha"]) == (16, 16)  # the largest rank, n*r = 8*2 on q_proj
+    assert config["rank_pattern"] == {} and config["alpha_pattern"] == {}
+    tensors = load_file(tmp_path / "folded" / "adapter_model.safetensors")
+    v_A = tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"]
+    v_B = tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"]
+    assert v_A.shape == (16, 64) and v_B.shape == (32, 16)  # rank 12 padded to 16 with zeros
+    assert not v_A[12:].any() and not v_B[:, 12:].any()
     assert (_load_with_plain_peft(tmp_path / "folded", tmp_path, inputs) - out).abs().max() <= 1e-5
     with torch.no_grad():
-        assert (_llama_cpp_rule(tmp_path / "folded")(**inputs).logits - out).abs().max() <= 1e-5
-        # without folding, one lora_alpha for every module gives q_proj the wrong scale
-        assert (_llama_cpp_rule(tmp_path / "plain")(**inputs).logits - out).abs().max() > 1e-3
+        for rule in ("llama.cpp", "vllm"):
+            folded = _merge_ignoring_patterns(tmp_path / "folded", rule)(**inputs).logits
+            assert (folded - out).abs().max() <= 1e-5, rule
+            # without folding, one lora_alpha (and, for vLLM, one r) gives some modules the wrong scale
+            plain = _merge_ignoring_patterns(tmp_path / "plain", rule)(**inputs).logits
+            assert (plain - out).abs().max() > 1e-3, rule
 
 
 def test_export_cli_fold_scaling_flag(tmp_path):

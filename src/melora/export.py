@@ -6,9 +6,11 @@ The LoRA factors are the block-diagonal stacks of the mini LoRAs:
 the MELoRA update. Modules whose n, r or alpha differ (``n_pattern`` / ``r_pattern`` / ``alpha_pattern``) get
 LoRA ``rank_pattern`` / ``alpha_pattern`` entries; the most common module sets ``r`` and ``lora_alpha``.
 
-Consumers that ignore LoRA's patterns (llama.cpp's ``convert_lora_to_gguf.py`` reads one ``lora_alpha`` and
-takes each tensor's rank from its shape) need ``fold_scaling=True``: every module's scaling is folded into
-lora_B so that ``lora_alpha / rank`` of that tensor, with the single ``lora_alpha``, is the right factor.
+Consumers that ignore LoRA's patterns need ``fold_scaling=True``: llama.cpp's ``convert_lora_to_gguf.py``
+keeps one ``lora_alpha`` and scales each tensor by ``lora_alpha / rank`` with the rank read off its shape;
+vLLM scales every module by the config's ``lora_alpha / r``. With ``fold_scaling=True`` every module's
+scaling is multiplied into lora_B, modules of smaller rank are zero-padded to the largest, and the config
+has one ``r == lora_alpha`` and no patterns, so both rules (and PEFT's) give each module's exact update.
 """
 
 from __future__ import annotations
@@ -143,9 +145,9 @@ def export_lora(
             get ``rank_pattern`` (n_m*r_m) / ``alpha_pattern`` (n_m*alpha_m) entries; ``r`` and
             ``lora_alpha`` are those of the most common module.
         adapter_name: which adapter of a PeftModel to export.
-        fold_scaling: multiply each module's lora_B by its scaling and write no alpha_pattern, with
-            ``lora_alpha = r``: then ``lora_alpha / rank`` (rank from the tensor or rank_pattern) times lora_B
-            gives each module's exact update, also for tools that ignore LoRA's patterns (llama.cpp).
+        fold_scaling: multiply each module's lora_B by its scaling, zero-pad every module to the largest
+            rank R, and write ``r = lora_alpha = R`` with no rank_pattern / alpha_pattern (scaling 1
+            everywhere): exact also for tools that ignore LoRA's patterns (llama.cpp, vLLM).
     Returns:
         ``Path(lora_dir)``.
     """
@@ -172,21 +174,20 @@ def export_lora(
         ranks[_module_name(prefix)] = n * r
         lora_alphas[_module_name(prefix)] = n * alphas[prefix]
         scalings[prefix] = alphas[prefix] / r
-    # the defaults are those of the most common (rank, alpha) pair; ties go to the first module
-    default_rank, default_alpha = Counter(zip(ranks.values(), lora_alphas.values())).most_common(1)[0][0]
-    if fold_scaling:
-        default_alpha = default_rank
-        alpha_pattern = {}
-    else:
-        alpha_pattern = _pattern(lora_alphas, default_alpha)
+    if fold_scaling:  # one rank R and scaling R / R = 1 for every module
+        default_rank = default_alpha = max(ranks.values())
+        rank_pattern, alpha_pattern = {}, {}
+    else:  # the most common (rank, alpha) pair is the default; ties go to the first module
+        default_rank, default_alpha = Counter(zip(ranks.values(), lora_alphas.values())).most_common(1)[0][0]
+        rank_pattern, alpha_pattern = _pattern(ranks, default_rank), _pattern(lora_alphas, default_alpha)
     tensors = {}
     for prefix, (A, B) in parts["factors"].items():
         # Same (n*r, d_in) / (d_out, n*r) layout for Conv1D too: PEFT's LoRA transposes dW when fan_in_fan_out.
         lora_A, lora_B = to_lora_factors(A.float(), B.float())  # (n*r, d_in), (d_out, n*r)
-        if (
-            fold_scaling
-        ):  # PEFT and llama.cpp apply lora_alpha / rank; make that times lora_B the MELoRA update
-            lora_B = lora_B * (scalings[prefix] * ranks[_module_name(prefix)] / default_alpha)
+        if fold_scaling:
+            pad = default_rank - lora_A.shape[0]
+            lora_A = torch.nn.functional.pad(lora_A, (0, 0, 0, pad))  # (R, d_in): zero rows below
+            lora_B = torch.nn.functional.pad(lora_B * scalings[prefix], (0, pad))  # (d_out, R): zero columns
         tensors[f"{prefix}.lora_A.weight"] = lora_A.to(A.dtype).contiguous()
         tensors[f"{prefix}.lora_B.weight"] = lora_B.to(B.dtype).contiguous()
     tensors.update({k: v.contiguous() for k, v in parts["extra"].items()})
@@ -194,7 +195,7 @@ def export_lora(
         config,
         n_r=default_rank,
         lora_alpha=default_alpha,
-        rank_pattern=_pattern(ranks, default_rank),
+        rank_pattern=rank_pattern,
         alpha_pattern=alpha_pattern,
     )
     with atomic_directory(lora_dir) as tmp:
@@ -212,7 +213,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--fold-scaling",
         action="store_true",
-        help="fold each module's scaling into lora_B (lora_alpha = r, no alpha_pattern): for llama.cpp",
+        help="fold each module's scaling into lora_B, pad to one rank, write no rank/alpha patterns "
+        "(for llama.cpp and vLLM, which ignore them)",
     )
     parser.set_defaults(func=_run)
 
