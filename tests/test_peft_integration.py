@@ -304,7 +304,8 @@ def test_n_not_dividing_features_names_module_and_numbers():
         get_peft_model(tiny_llama(), MELoRAConfig(r=1, n=3, target_modules=["q_proj"]))
     # v_proj is 64 -> 32 in the tiny GQA model: n=64 divides in_features but not out_features
     with pytest.raises(
-        ValueError, match=r"n=64 does not divide out_features=32 of .*v_proj.*common divisors"
+        ValueError,
+        match=r"n=64 does not divide out_features=32 of .*v_proj.*divisors common to all targeted modules",
     ):
         get_peft_model(tiny_llama(), MELoRAConfig(r=1, n=64, target_modules=["v_proj"]))
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 
 class PeftTypeName(str):
@@ -41,6 +43,10 @@ class MELoRAConfig(PeftConfig):
         - ``scaling = alpha / r`` (the authors' convention: alpha applies per mini LoRA). A LoRA exported from
           this adapter has rank ``n * r`` and ``lora_alpha = n * alpha`` so its scaling is the same.
         - ``n`` must divide both in_features and out_features of every targeted layer.
+        - ``n_pattern`` / ``r_pattern`` / ``alpha_pattern`` override n, r, alpha per module. A key is a module
+          name or a regex, matched exactly as PEFT's LoRA matches ``rank_pattern`` keys: the key must match the
+          end of the module name after a dot (``"v_proj"`` hits ``model.layers.0.self_attn.v_proj``); the
+          first matching key wins.
 
     Args:
         r: rank of each mini LoRA (>= 1).
@@ -56,6 +62,9 @@ class MELoRAConfig(PeftConfig):
         init_weights: True: A kaiming-uniform, B zero (the adapter starts as a no-op). False: B random too.
         layers_to_transform / layers_pattern: restrict adaptation to some layer indices.
         trainable_token_indices: passed through to PEFT (used by TRL when a chat template adds tokens).
+        n_pattern: module name / regex -> n for those modules, e.g. ``{"k_proj": 4, "v_proj": 4}`` for GQA.
+        r_pattern: module name / regex -> r for those modules.
+        alpha_pattern: module name / regex -> alpha for those modules (their scaling is alpha / their r).
     """
 
     r: int = field(default=1, metadata={"help": "Rank of each mini LoRA."})
@@ -81,6 +90,20 @@ class MELoRAConfig(PeftConfig):
     trainable_token_indices: list[int] | dict[str, list[int]] | None = field(
         default=None,
         metadata={"help": "Token indices whose embeddings are trained (PEFT's TrainableTokens)."},
+    )
+    n_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module n: module name or regex -> n (keys matched like LoRA's rank_pattern)."},
+    )
+    r_pattern: dict[str, int] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module r: module name or regex -> r (keys matched like LoRA's rank_pattern)."},
+    )
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module alpha: module name or regex -> alpha (matched like LoRA's alpha_pattern)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -123,10 +146,74 @@ class MELoRAConfig(PeftConfig):
             )
         if self.layers_pattern and not self.layers_to_transform:
             problems.append("layers_pattern is set but layers_to_transform is not: set both, or neither.")
+        problems += self._pattern_problems()
         if problems:
             raise ValueError("Invalid MELoRAConfig:\n  - " + "\n  - ".join(problems))
 
     @property
     def scaling(self) -> float:
-        """alpha / r, the factor applied to every mini LoRA's output."""
+        """alpha / r, the factor applied to every mini LoRA's output (modules without a pattern)."""
         return self.alpha / self.r
+
+    def resolve(self, module_name: str) -> tuple[int, int, float]:
+        """``(n, r, alpha)`` for the module ``module_name`` (its name in the base model), patterns applied.
+
+        Each pattern is looked up with PEFT's ``get_pattern_key``, the function LoRA uses for ``rank_pattern``
+        and ``alpha_pattern``, so a key selects the same modules here as in a LoraConfig.
+        """
+        return (
+            self._lookup(self.n_pattern, module_name, self.n),
+            self._lookup(self.r_pattern, module_name, self.r),
+            self._lookup(self.alpha_pattern, module_name, self.alpha),
+        )
+
+    def pattern_key(self, field_name: str, module_name: str) -> str | None:
+        """The key of pattern ``field_name`` ("n_pattern", ...) that applies to ``module_name``, or None."""
+        pattern = getattr(self, field_name) or {}
+        key = get_pattern_key(pattern.keys(), module_name)
+        return key if key in pattern else None
+
+    @staticmethod
+    def _lookup(pattern: dict[str, Any] | None, module_name: str, default: Any) -> Any:
+        if not pattern:
+            return default
+        return pattern.get(get_pattern_key(pattern.keys(), module_name), default)
+
+    def _pattern_problems(self) -> list[str]:
+        """Problems with n_pattern / r_pattern / alpha_pattern, one line each naming the field and the key.
+
+        A pattern given as None becomes {} (no per-module values).
+        """
+        problems = []
+        for name, what in (
+            ("n_pattern", "an integer >= 1 (the number of mini LoRAs)"),
+            ("r_pattern", "an integer >= 1 (the rank of each mini LoRA)"),
+            ("alpha_pattern", "a finite number > 0"),
+        ):
+            pattern = getattr(self, name)
+            if pattern is None:
+                setattr(self, name, {})
+                continue
+            if not isinstance(pattern, dict):
+                problems.append(
+                    f"{name}={pattern!r}: must be a dict of module name or regex -> value, "
+                    f'e.g. {name}={{"v_proj": 4}}.'
+                )
+                continue
+            for key, value in pattern.items():
+                if not isinstance(key, str) or not key:
+                    problems.append(f"{name} key {key!r}: must be a non-empty module name or regex string.")
+                    continue
+                try:
+                    re.compile(key)
+                except re.error as err:
+                    problems.append(f"{name} key {key!r}: not a valid regular expression ({err}).")
+                    continue
+                if name == "alpha_pattern":
+                    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                    ok = ok and math.isfinite(value) and value > 0
+                else:
+                    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+                if not ok:
+                    problems.append(f"{name}[{key!r}]={value!r}: must be {what}.")
+        return problems

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -10,11 +11,11 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import AuxiliaryTrainingWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from melora.tuner.config import MELoRAConfig
-from melora.tuner.layer import BASE_ADAPTER_NAME, Linear, MELoRALayer
+from melora.tuner.layer import BASE_ADAPTER_NAME, Linear, MELoRALayer, _features
 
 # Same defaults as PEFT's LoRA: BERT/RoBERTa query,value; Llama/Mistral/Qwen/Gemma q_proj,v_proj; GPT-2 c_attn.
 TRANSFORMERS_MODELS_TO_MELORA_TARGET_MODULES_MAPPING = dict(
@@ -45,10 +46,12 @@ class MELoRAModel(BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
+        n, r, alpha = config.resolve(current_key)
+        self._check_n_divides(config, current_key, target, n)
         layer_kwargs = {
-            "r": config.r,
-            "n": config.n,
-            "alpha": config.alpha,
+            "r": r,
+            "n": n,
+            "alpha": alpha,
             "dropout": config.dropout,
             "init_weights": config.init_weights,
         }
@@ -80,6 +83,80 @@ class MELoRAModel(BaseTuner):
         for name, module in new_module.named_modules():
             if self.prefix in name and not any(p.device.type == "meta" for p in module.parameters()):
                 module.to(weight.device)
+
+    def _targeted_features(self, config: MELoRAConfig) -> dict[str, tuple[int, int]]:
+        """module name -> (in_features, out_features) for every module of the model that ``config`` targets."""
+        features = {}
+        for key, module in self.model.named_modules():
+            if not key or not self._check_target_module_exists(config, key):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            try:
+                features[key] = _features(base, key)
+            except TypeError:
+                continue  # not adaptable; _create_new_module names it
+        return features
+
+    def _check_n_divides(self, config: MELoRAConfig, key: str, target: torch.nn.Module, n: int) -> None:
+        """Raise if ``n`` does not divide the module's features, suggesting an n or an n_pattern that fits."""
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        try:
+            in_features, out_features = _features(base, key)
+        except TypeError:
+            return  # _create_new_module raises the type error
+        if not in_features % n and not out_features % n:
+            return
+        what, size = ("in_features", in_features) if in_features % n else ("out_features", out_features)
+        # the modules that take their n from the same place (the same n_pattern key, or the default n)
+        source = config.pattern_key("n_pattern", key)
+        peers = [
+            dims
+            for name, dims in self._targeted_features(config).items()
+            if config.pattern_key("n_pattern", name) == source
+        ] or [(in_features, out_features)]
+        common = math.gcd(*(d for dims in peers for d in dims))
+        choices = [d for d in range(1, min(common, 64) + 1) if not common % d]
+        own = math.gcd(in_features, out_features)
+        fitting = max(d for d in range(1, min(own, n) + 1) if not own % d)
+        short = key.rsplit(".", 1)[-1]
+        if source is None:
+            use = f"use n in {{{', '.join(map(str, choices))}}} (divisors common to all targeted modules)"
+        else:
+            use = (
+                f'use n_pattern["{source}"] in {{{", ".join(map(str, choices))}}} (divisors common to the '
+                "modules that key matches)"
+            )
+        raise ValueError(
+            f"n={n} does not divide {what}={size} of {key} (in_features={in_features}, "
+            f'out_features={out_features}); {use} or n_pattern={{"{short}": {fitting}}}, '
+            "or exclude this module (exclude_modules / target_modules)."
+        )
+
+    def inject_adapter(self, model: torch.nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._warn_unmatched_patterns(model, adapter_name)
+
+    def _warn_unmatched_patterns(self, model: torch.nn.Module, adapter_name: str) -> None:
+        """Warn about n/r/alpha pattern keys that matched no module of this adapter (as PEFT does for LoRA)."""
+        config = self.peft_config.get(adapter_name)
+        if not isinstance(config, MELoRAConfig):
+            return
+        adapted = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, MELoRALayer) and adapter_name in module.melora_A
+        ]
+        for field_name in ("n_pattern", "r_pattern", "alpha_pattern"):
+            pattern = getattr(config, field_name) or {}
+            unmatched = sorted(
+                key for key in pattern if not any(get_pattern_key([key], name) == key for name in adapted)
+            )
+            if unmatched:
+                warnings.warn(
+                    f"{field_name} keys {unmatched} match no module adapted by {adapter_name!r} and are ignored.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     @staticmethod
     def _create_new_module(
@@ -118,9 +195,10 @@ class MELoRAModel(BaseTuner):
                 target = params.get(key.removeprefix("base_model.model."))
             if target is not None and tuple(target.shape) != tuple(tensor.shape):
                 module = key.rsplit(".melora_", 1)[0].removeprefix("base_model.model.")
+                n, r, _ = config.resolve(module)
                 raise ValueError(
                     f"Adapter tensor {key} has shape {tuple(tensor.shape)} but module {module} of this base model "
-                    f"needs {tuple(target.shape)} (n={config.n}, r={config.r}). The adapter was trained on a "
+                    f"needs {tuple(target.shape)} (n={n}, r={r}). The adapter was trained on a "
                     "different base model: load it onto the model named in its adapter_config.json "
                     f"({config.base_model_name_or_path!r})."
                 )
