@@ -215,3 +215,19 @@ def test_kill_and_resume_gives_the_uninterrupted_adapter(tmp_path, tiny_model_di
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in straight.items() if "melora_B" in k)
+
+
+def test_per_module_patterns_reach_the_adapter_from_the_command_line(tmp_path, tiny_model_dir, alpaca_file):
+    out = tmp_path / "run"
+    argv = ["--data", str(alpaca_file), "--model", str(tiny_model_dir), "--output-dir", str(out), "--val-size", "2",
+            "--max-steps", "1", "--no-progress", "--no-eval-base", "--n", "8", "--n-pattern", '{"v_proj": 2}']  # fmt: skip
+    assert main(argv) == 0
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert (config["n"], config["n_pattern"]) == (8, {"v_proj": 2})
+    results = json.loads((out / "results.json").read_text())
+    # 2 layers x (q: r (64 + 64) + v: r (64 + 32)) at r=1: the parameter count does not depend on n
+    assert results["adapter_params"] == 2 * ((64 + 64) + (64 + 32))
+    with pytest.raises(UserError, match="n_pattern applies to MELoRA only"):
+        InstructRun.from_options(
+            {"data": ["d"], "output_dir": "o", "method": "lora", "n_pattern": {"v_proj": 2}}
+        )

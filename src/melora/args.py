@@ -70,6 +70,9 @@ class AdapterArgs:
     modules_to_save: list[str] | None = opt(
         None, "extra modules trained in full beside the adapter (a classifier head always is), e.g. pooler"
     )
+    n_pattern: dict[str, int] | None = opt(None, 'per-module n, e.g. {"v_proj": 4} (module name or regex -> n)')
+    r_pattern: dict[str, int] | None = opt(None, "per-module r (LoRA: its rank_pattern)")
+    alpha_pattern: dict[str, float] | None = opt(None, "per-module alpha (LoRA: its alpha_pattern)")
     label: str | None = opt(None, "run label in tables; default e.g. 'melora r=1 n=8'")
 
     def __post_init__(self) -> None:
@@ -87,6 +90,8 @@ class AdapterArgs:
                 self.n = DEFAULT_N if self.n is None else self.n
             elif self.n not in (None, 1):
                 problems.append(f"n={self.n!r}: n applies to MELoRA only; drop it for --method lora")
+            elif self.n_pattern:
+                problems.append("n_pattern applies to MELoRA only; drop it for --method lora")
             else:
                 self.n = None
         for name in ("r", "n"):
@@ -136,6 +141,9 @@ class AdapterArgs:
                 target_modules=targets,
                 modules_to_save=to_save,
                 task_type=task_type,
+                n_pattern=dict(self.n_pattern or {}),
+                r_pattern=dict(self.r_pattern or {}),
+                alpha_pattern=dict(self.alpha_pattern or {}),
             )
         from peft import LoraConfig
 
@@ -146,6 +154,8 @@ class AdapterArgs:
             target_modules=targets,
             modules_to_save=to_save,
             task_type=task_type,
+            rank_pattern=dict(self.r_pattern or {}),
+            alpha_pattern=dict(self.alpha_pattern or {}),
         )
 
     def apply(self, model, task_type: str | None = None):
