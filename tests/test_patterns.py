@@ -355,3 +355,13 @@ def test_export_cli_fold_scaling_flag(tmp_path):
     )
     assert args.func(args) == 0
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["alpha_pattern"] == {}
+
+
+def test_export_cli_accepts_a_run_folder(tmp_path):
+    from melora.cli import main
+
+    _, model = _patterned()
+    save_adapter(model, tmp_path / "run" / "adapter")
+    assert main(["export-lora", str(tmp_path / "run"), str(tmp_path / "lora")]) == 0
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["rank_pattern"]

@@ -70,7 +70,9 @@ class AdapterArgs:
     modules_to_save: list[str] | None = opt(
         None, "extra modules trained in full beside the adapter (a classifier head always is), e.g. pooler"
     )
-    n_pattern: dict[str, int] | None = opt(None, 'per-module n, e.g. {"v_proj": 4} (module name or regex -> n)')
+    n_pattern: dict[str, int] | None = opt(
+        None, 'per-module n, e.g. {"v_proj": 4} (module name or regex -> n)'
+    )
     r_pattern: dict[str, int] | None = opt(None, "per-module r (LoRA: its rank_pattern)")
     alpha_pattern: dict[str, float] | None = opt(None, "per-module alpha (LoRA: its alpha_pattern)")
     label: str | None = opt(None, "run label in tables; default e.g. 'melora r=1 n=8'")

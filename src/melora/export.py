@@ -421,7 +421,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export-lora", help="convert a saved MELoRA adapter into a standard LoRA adapter (rank n*r)"
     )
-    parser.add_argument("adapter_dir", help="saved MELoRA adapter folder")
+    parser.add_argument(
+        "adapter_dir", help="saved MELoRA adapter folder, or a melora run folder holding adapter/"
+    )
     parser.add_argument("lora_dir", help="output folder for the LoRA adapter")
     parser.add_argument(
         "--fold-scaling",
@@ -433,6 +435,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    out = export_lora(args.adapter_dir, args.lora_dir, fold_scaling=args.fold_scaling)
+    source = Path(args.adapter_dir)
+    if not (source / ADAPTER_CONFIG).is_file() and (source / "adapter" / ADAPTER_CONFIG).is_file():
+        source = source / "adapter"  # a run folder of melora glue / instruct
+    out = export_lora(source, args.lora_dir, fold_scaling=args.fold_scaling)
     print(f"wrote a standard LoRA adapter to {out}")
     return 0
