@@ -76,3 +76,14 @@ def test_evaluate_picks_the_most_likely_letter(tmp_path):
     assert result.summary["acc"] == pytest.approx(sum(p == a for p, a in zip(preds, answers)) / 4)
     assert set(result.details["per_subject"]) == {"astronomy", "virology"}
     torch.testing.assert_close(torch.tensor([p["logprobs"] for p in result.predictions]), scores)
+
+
+def test_a_field_longer_than_csvs_default_limit_is_read(tmp_path):
+    """csv's default field limit is 131,072 characters; a real MMLU file has a 189k-character field."""
+    for split in ("dev", "test"):
+        (tmp_path / split).mkdir()
+    long = "x" * 189_000
+    (tmp_path / "dev" / "big_dev.csv").write_text("q,a,b,c,d,A\n")
+    (tmp_path / "test" / "big_test.csv").write_text(f'"{long}",a,b,c,d,B\n')
+    (subject,) = mmlu.load(tmp_path)
+    assert subject.test[0].question == long and subject.test[0].answer == "B"

@@ -114,3 +114,22 @@ def test_plan_shares_the_longest_common_prefix_within_groups():
     assert _plan(rows, ["g", "g", "h", "g"], reserve=[1, 1, 1, 1]) == [(2, [0, 1, 3]), (0, [2])]
     assert _plan(rows, ["g", "g", "h", "g"], reserve=[3, 1, 1, 1]) == [(1, [0, 1, 3]), (0, [2])]
     assert _plan(rows, None, reserve=[1, 1, 1, 1]) == [(0, [0, 1, 2, 3])]
+
+
+def test_overlong_prompts_are_cut_from_the_left_with_one_warning(caplog):
+    """A prompt longer than the context, and max_new_tokens past it, generate instead of raising."""
+    from tests.test_eval_fixtures import tiny_tokenizer
+    from tests.tiny_models import tiny_llama
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_llama(tokenizer, max_position_embeddings=32).eval()
+    long = "word " * 200
+    with caplog.at_level("WARNING", logger="melora.eval.scoring"):
+        out = greedy_generate(model, tokenizer, [long, CONTEXTS[0]], max_new_tokens=64, batch_size=2)
+    assert len(out) == 2
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any("does not fit the model's 32-token context" in w for w in warnings)
+    assert sum("were cut from the left" in w for w in warnings) == 1  # one warning for the whole call
+    kept = choice_logprobs(model, tokenizer, [long], LETTERS, batch_size=1)
+    assert kept.shape == (1, 4) and torch.isfinite(kept).all()

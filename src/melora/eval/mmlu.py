@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,9 @@ def _from_row(row: Sequence[str], where: str) -> Question:
 
 
 def _read_csv(path: Path) -> list[Question]:
+    csv.field_size_limit(
+        min(sys.maxsize, 2**31 - 1)
+    )  # some MMLU fields exceed csv's 131,072-character default
     with open(path, newline="", encoding="utf-8") as handle:
         return [_from_row(row, f"{path}:{i + 1}") for i, row in enumerate(csv.reader(handle))]
 

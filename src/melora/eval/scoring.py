@@ -51,6 +51,27 @@ def fit_shots(build: Callable[[int], str], shots: int, tokenizer, max_tokens: in
     return build(0), 0
 
 
+def _progress(total: int, desc: str):
+    """A progress bar over ``total`` rows (stderr; silent when not attached to a terminal and for tiny jobs)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="q", leave=False, disable=total < 8 or None)
+
+
+def _cut_left(rows: list[list[int]], limit: int, what: str) -> list[list[int]]:
+    """Keep the last ``limit`` tokens of each row; one warning per call when any row was longer."""
+    cut = sum(len(r) > limit for r in rows)
+    if cut:
+        logger.warning(
+            "%d of %d %s exceed %d tokens and were cut from the left (the model's context)",
+            cut,
+            len(rows),
+            what,
+            limit,
+        )
+    return [r[-limit:] for r in rows]
+
+
 def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Positions 0..N-1 grouped into batches of similar length, longest first (OOM shows up at once)."""
     if batch_size < 1:
@@ -190,11 +211,14 @@ def continuation_logprobs(
         cont = tokenizer(continuation, add_special_tokens=False).input_ids
         if not cont:
             raise ValueError(f"Continuation {continuation!r} tokenizes to nothing; it cannot be scored.")
-        rows.append((ctx + cont)[-max_tokens:])
+        rows.append(ctx + cont)
         n_cont.append(len(cont))
+    rows = _cut_left(rows, max_tokens, "scored sequences")
     out = [0.0] * len(rows)
     runner = _Runner(model, _pad_id(tokenizer))
+    bar = _progress(len(rows), "scoring")
     for cache, prefix_len, batch in runner.units(rows, groups, [k + 1 for k in n_cont], batch_size):
+        bar.update(len(batch))
         suffixes = [rows[i][prefix_len:] for i in batch]
         keep = max(n_cont[i] for i in batch) + 1
         logits, _, _ = runner.rows_forward(cache, prefix_len, suffixes, keep, use_cache=False)  # (B, keep, V)
@@ -205,6 +229,7 @@ def continuation_logprobs(
             # column t predicts the token in column t + 1: the last k + 1 columns score the last k tokens
             picked = logprobs[b, keep - k - 1 : keep - 1].gather(-1, targets[:, None])  # (k, 1)
             out[i] = float(picked.sum())
+    bar.close()
     return out
 
 
@@ -234,15 +259,18 @@ def choice_logprobs(
         return torch.tensor(flat, dtype=torch.float32).view(len(contexts), len(choices))
     max_tokens = max_tokens or model_max_length(model)
     targets = torch.tensor([ids[0] for ids in choice_ids])  # (K,)
-    rows = [tokenizer(ctx).input_ids[-max_tokens:] for ctx in contexts]
+    rows = _cut_left([tokenizer(ctx).input_ids for ctx in contexts], max_tokens, "prompts")
     out = torch.empty((len(rows), len(choices)), dtype=torch.float32)
     runner = _Runner(model, _pad_id(tokenizer))
+    bar = _progress(len(rows), "scoring")
     for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
+        bar.update(len(batch))
         logits, _, _ = runner.rows_forward(
             cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, use_cache=False
         )
         final = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
         out[batch] = final[:, targets.to(final.device)].cpu()  # (B, K)
+    bar.close()
     return out
 
 
@@ -281,12 +309,22 @@ def greedy_generate(
     their common prompt prefix through the KV cache, as in :func:`continuation_logprobs`.
     """
     max_tokens = max_tokens or model_max_length(model)
-    budget = max(1, max_tokens - max_new_tokens)
-    rows = [tokenizer(p).input_ids[-budget:] for p in prompts]
+    if max_new_tokens >= max_tokens:
+        logger.warning(
+            "max_new_tokens=%d does not fit the model's %d-token context; generating at most %d",
+            max_new_tokens,
+            max_tokens,
+            max_tokens // 2,
+        )
+        max_new_tokens = max_tokens // 2
+    budget = max_tokens - max_new_tokens
+    rows = _cut_left([tokenizer(p).input_ids for p in prompts], budget, "prompts")
     eos = torch.tensor(sorted(_eos_ids(model, tokenizer)))
     runner = _Runner(model, _pad_id(tokenizer))
     out = [""] * len(rows)
+    bar = _progress(len(rows), "generating")
     for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
+        bar.update(len(batch))
         logits, mask, cache_b = runner.rows_forward(
             cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, True
         )
@@ -316,4 +354,5 @@ def greedy_generate(
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(batch, texts):
             out[i] = truncate_at_stop(text, stop)
+    bar.close()
     return out
