@@ -104,3 +104,15 @@ def test_runs_sharing_a_label_but_not_a_config_are_refused(tmp_path):
     data["config"]["lr"] = 1e-3  # seeds and output folders may differ
     write_json_atomic(tmp_path / "s1" / "results.json", data)
     assert "| adapter | 10 | 0.300 ± 0.000 (2) |" in report([tmp_path])
+
+
+def test_output_dir_writes_table_plot_and_groups(runs, tmp_path):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    out = tmp_path / "out"
+    args = parser.parse_args(["report", str(runs / "rte"), "--output-dir", str(out)])
+    assert args.func(args) == 0
+    assert "rte/accuracy_best" in (out / "table.md").read_text()
+    assert (out / "score_vs_params.png").stat().st_size > 1000 and json.loads(
+        (out / "groups.json").read_text()
+    )

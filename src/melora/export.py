@@ -419,7 +419,10 @@ def _bias_message(config: MELoRAConfig) -> str:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export-lora", help="convert a saved MELoRA adapter into a standard LoRA adapter (rank n*r)"
+        "export-lora",
+        help="convert a saved MELoRA adapter into a standard LoRA adapter (rank n*r)",
+        description="Write a standard PEFT LoRA adapter (rank n*r, lora_alpha n*alpha) that reproduces the MELoRA "
+        "adapter exactly, for tools that never import melora (vLLM, SGLang, llama.cpp, lm-eval's peft=).",
     )
     parser.add_argument(
         "adapter_dir", help="saved MELoRA adapter folder, or a melora run folder holding adapter/"

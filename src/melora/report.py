@@ -232,7 +232,13 @@ def report(
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: print the table."""
-    print(report(args.runs, keys=args.keys, output=args.output, plot=args.plot, json_path=args.json), end="")
+    output, plot, json_path = args.output, args.plot, args.json
+    if args.output_dir:
+        folder = Path(args.output_dir)
+        output = output or folder / "table.md"
+        plot = plot or folder / "score_vs_params.png"
+        json_path = json_path or folder / "groups.json"
+    print(report(args.runs, keys=args.keys, output=output, plot=plot, json_path=json_path), end="")
     return 0
 
 
@@ -246,6 +252,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("runs", nargs="+", help="run folders, results.json files or folders to search")
     parser.add_argument("--keys", default=None, help="regex selecting summary keys, e.g. '_best$'")
+    parser.add_argument(
+        "--output-dir",
+        default=None,
+        help="write table.md, score_vs_params.png and groups.json into this folder",
+    )
     parser.add_argument("--output", default=None, help="write the markdown table here")
     parser.add_argument("--plot", default=None, help="write the score-vs-params plot here (.png)")
     parser.add_argument("--json", default=None, help="write the aggregated groups here")

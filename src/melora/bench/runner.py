@@ -18,7 +18,7 @@ from typing import Any
 from melora.bench.benchmark import run_experiment
 from melora.bench.config import experiment_from_dict
 from melora.bench.render import render_markdown, render_plot
-from melora.io import read_yaml, write_json_atomic
+from melora.io import atomic_write_text, read_yaml, write_json_atomic
 
 
 def add_parser(subparsers) -> None:
@@ -34,7 +34,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--render", action="store_true", help="the paths are results JSON: only render them")
     parser.add_argument("--quick", action="store_true", help="smoke test: first case, small sizes, 2 repeats")
     parser.add_argument(
-        "--out-dir", type=Path, default=Path("benchmarks/results"), help="JSON + markdown folder"
+        "--output-dir",
+        "--out-dir",
+        dest="out_dir",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="JSON + markdown folder (default: benchmarks/results)",
     )
     parser.add_argument("--figures-dir", type=Path, default=Path("docs/figures"), help="plot folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (overrides the YAML)")
@@ -53,7 +58,7 @@ def render_files(results: dict[str, Any], out_dir: Path, figures_dir: Path) -> t
     text = render_markdown(results)
     if results.get("command"):
         text = f"Command: `{results['command']}`\n\n" + text
-    markdown.write_text(text, encoding="utf-8")
+    atomic_write_text(markdown, text)
     plot = render_plot(results, figures_dir / f"bench_{results['label']}.png")
     return markdown, plot
 
