@@ -229,14 +229,17 @@ def test_tiny_run_writes_results_and_adapter(tiny, tmp_path, method, rank):
 
 @pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
-    full = run_glue(tiny_config(tiny, tmp_path / "straight", method="melora", epochs=3))
-    stopped = run_glue(tiny_config(tiny, tmp_path / "cut", method="melora", epochs=3, stop_after_steps=10))
+    # random sampling: HF's length-grouped sampler draws its order from the global RNG, so a resumed run
+    # with --group-by-length sees another order after the resume point (documented in docs/results_glue.md)
+    options = {"method": "melora", "epochs": 3, "group_by_length": False}
+    full = run_glue(tiny_config(tiny, tmp_path / "straight", **options))
+    stopped = run_glue(tiny_config(tiny, tmp_path / "cut", **options, stop_after_steps=10))
     assert stopped["stopped_at_step"] == 10 and stopped["checkpoint"].endswith("checkpoint-10")
     assert not (tmp_path / "cut" / "results.json").exists()
     torn = tmp_path / "cut" / "checkpoint-20"  # what a kill while Trainer saves leaves: no trainer_state.json
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
-    resumed = run_glue(tiny_config(tiny, tmp_path / "cut", method="melora", epochs=3, resume=True))
+    resumed = run_glue(tiny_config(tiny, tmp_path / "cut", **options, resume=True))
     assert resumed["resumed_from"].endswith("checkpoint-10")
 
     def eval_values(results):  # train_loss differs by design: it averages since the last log

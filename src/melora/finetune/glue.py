@@ -44,7 +44,9 @@ class GlueArgs:
     max_length: int = opt(128, "max tokens per example")
     max_train_samples: int | None = opt(None, "seeded random subset of the training set")
     max_eval_samples: int | None = opt(None, "seeded random subset of each dev set")
-    group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+    group_by_length: bool = opt(
+        True, "batch examples of similar length together (less padding; --resume is exact only without it)"
+    )
     save_model: bool = opt(True, "save the adapter (or full model) into <output-dir>/adapter")
 
     def __post_init__(self) -> None:
