@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from melora.eval import bbh, drop, humaneval, mmlu
+from melora.eval.sandbox import ACCEPT_FLAG, require_containment
 from melora.eval.scoring import TaskResult
 from melora.io import write_json_atomic
 from melora.provenance import provenance
@@ -41,7 +42,13 @@ TASKS: dict[str, TaskSpec] = {
     "humaneval": TaskSpec(
         humaneval.load,
         lambda m, t, d, o: humaneval.evaluate(
-            m, t, d, o.batch_size, o.max_new_tokens, o.allow_code_execution
+            m,
+            t,
+            d,
+            o.batch_size,
+            o.max_new_tokens,
+            o.allow_code_execution,
+            accept_weak_sandbox=o.accept_weak_sandbox,
         ),
     ),
     "drop": TaskSpec(drop.load, lambda m, t, d, o: drop.evaluate(m, t, d, o.batch_size, o.max_new_tokens)),
@@ -55,6 +62,7 @@ class EvalOptions:
     batch_size: int
     max_new_tokens: int | None
     allow_code_execution: bool
+    accept_weak_sandbox: bool = False
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -209,21 +217,24 @@ def run_eval(
     *,
     merge: bool = False,
     label: str | None = None,
+    accept_weak_sandbox: bool = False,
 ) -> dict:
     """Evaluate ``model`` (+ ``adapter``) on ``tasks``; write and return the results.json dict.
 
     ``limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval / DROP;
     a dict such as ``{"mmlu": 2, "bbh": 3, "humaneval": 20}`` sets it per task (a missing task: all).
     ``max_new_tokens`` overrides every generation task's default (BBH 32, HumanEval 256, DROP 16).
+    HumanEval also refuses a sandbox that lacks a required containment unless ``accept_weak_sandbox``.
     """
     start = time.perf_counter()
     names = parse_tasks(tasks)
     limits = task_limits(limit, names)
     if "humaneval" in names and not allow_code_execution:
         raise PermissionError(humaneval.NO_PERMISSION)
+    sandbox = require_containment(accept_weak_sandbox).as_dict() if "humaneval" in names else None
     data = {name: TASKS[name].load(task_data_dir(data_dir, name), limits[name]) for name in names}
     lm, tokenizer, stats = load_model(model, adapter, merge)
-    options = EvalOptions(batch_size, max_new_tokens, allow_code_execution)
+    options = EvalOptions(batch_size, max_new_tokens, allow_code_execution, accept_weak_sandbox)
     task_results = evaluate_tasks(lm, tokenizer, data, options)
     results = {
         "kind": "eval",
@@ -240,6 +251,7 @@ def run_eval(
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "allow_code_execution": allow_code_execution,
+            "accept_weak_sandbox": accept_weak_sandbox,
             "output_dir": output_dir,
         },  # fmt: skip
         "versions": provenance(),
@@ -249,6 +261,8 @@ def run_eval(
         "summary": {f"{t}/{k}": float(v) for t, r in task_results.items() for k, v in r.summary.items()},
         "tasks": {t: r.details for t, r in task_results.items()},
     }
+    if sandbox is not None:
+        results["sandbox"] = sandbox
     out = Path(output_dir)
     for name, result in task_results.items():
         _write_predictions(out / "predictions", name, result.predictions)
@@ -280,6 +294,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--allow-code-execution", action="store_true", help="needed for humaneval: runs generated code"
     )
+    parser.add_argument(
+        ACCEPT_FLAG, action="store_true", help="run humaneval even where the sandbox lacks a containment"
+    )
     parser.add_argument("--label", default=None, help="run label (default: adapter folder name or 'base')")
     parser.add_argument("--output-dir", required=True)
     parser.set_defaults(func=_main)
@@ -289,6 +306,7 @@ def _main(args: argparse.Namespace) -> int:
     results = run_eval(
         args.model, args.adapter, parse_tasks(args.tasks), args.data_dir, args.limit, args.batch_size,
         args.output_dir, args.allow_code_execution, args.max_new_tokens, merge=args.merge, label=args.label,
+        accept_weak_sandbox=args.accept_weak_sandbox,
     )  # fmt: skip
     print(render_markdown(results).split("\n## ")[0])
     print(f"wrote {Path(args.output_dir) / 'results.json'}")
