@@ -43,6 +43,8 @@ Contained (each one where the kernel allows it; :func:`containment` says which o
     * ``network-namespace``: no network at all, not even a working loopback (127.0.0.1).
     * ``mount-namespace`` + ``read-only-filesystem``: every mount is remounted read-only for the
       sandbox, and the working directory is a private, size-limited tmpfs that vanishes with it.
+    * ``hidden-home-directories``: ``/root`` and ``/home`` are replaced by empty read-only
+      folders, but for the paths the sandbox's Python itself needs (bound back read-only).
     * ``ipc-namespace``, ``uts-namespace``; ``no-new-privileges`` (set-uid binaries give
       nothing), parent-death signals, non-dumpable trusted processes.
     * ``rlimits``: address space, CPU seconds, file size, processes (``RLIMIT_NPROC``, enforced
@@ -354,8 +356,12 @@ def containment() -> Containment:
         if _probed is None:
             result, report = _run("pass\n", SandboxLimits(timeout_s=20.0), None)
             if not result.passed:
+                hint = ""
+                if "PermissionError" in result.stderr and sys.executable in result.stderr:
+                    hint = (f" The sandbox user cannot run {sys.executable}: install Python where every "
+                            "user may read it, or allow mount namespaces (then it is exposed).")  # fmt: skip
                 raise SandboxError(
-                    f"The sandbox cannot run even `pass` ({result.reason}): {result.stderr[-800:]}"
+                    f"The sandbox cannot run even `pass` ({result.reason}).{hint} {result.stderr[-800:]}"
                 )
             _probed = Containment(result.containment, result.missing, dict(report.get("reasons", {})))
             if _probed.weak:
@@ -417,7 +423,6 @@ def _launch() -> int:
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.close(null)
-    _prctl(_PR_SET_DUMPABLE, 0)  # it holds the token
     active: list[str] = []
     reasons: dict[str, str] = {}
     libc = _libc()
@@ -436,6 +441,7 @@ def _launch() -> int:
             active.append(name)
         except OSError as exc:
             reasons[name] = f"unshare: {exc.strerror}"
+    _prctl(_PR_SET_DUMPABLE, 0)  # it holds the token (only now: it would stop the uid_map writes)
     try:
         _prctl(_PR_SET_NO_NEW_PRIVS, 1)  # inherited by everything started below
         active.append("no-new-privileges")
@@ -460,9 +466,16 @@ def _launch() -> int:
 def _enter_user_namespace(libc) -> None:
     uid, gid = os.getuid(), os.getgid()
     _check(libc.unshare(_CLONE_NEWUSER))
-    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-        with open(f"/proc/self/{name}", "w") as handle:
-            handle.write(text)
+    try:  # the same ids inside: files keep their owners
+        for name, text in (
+            ("setgroups", "deny"),
+            ("uid_map", f"{uid} {uid} 1"),
+            ("gid_map", f"{gid} {gid} 1"),
+        ):
+            with open(f"/proc/self/{name}", "w") as handle:
+                handle.write(text)
+    except OSError as exc:  # inside, but unmapped: nothing would work from here
+        raise RuntimeError(f"could not map the user namespace: {exc}") from exc
 
 
 def _init(job: dict, active: list[str], reasons: dict[str, str]) -> int:
@@ -715,9 +728,9 @@ def _drain(fd: int) -> bytes:
 
 def _list_files(work: str) -> list[str]:
     found: list[str] = []
-    for folder, _, names in os.walk(work):  # does not follow symbolic links
+    for count, (folder, _, names) in enumerate(os.walk(work)):  # does not follow symbolic links
         found += [os.path.relpath(os.path.join(folder, n), work) for n in names]
-        if len(found) > _MAX_FILES:
+        if len(found) > _MAX_FILES or count > _MAX_FILES:
             break
     return sorted(f for f in found if f not in _RESERVED)[:_MAX_FILES]
 
