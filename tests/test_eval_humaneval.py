@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from melora.eval import humaneval
-from melora.eval.sandbox import SandboxLimits
-from tests.test_eval_fixtures import HUMANEVAL_PROBLEMS, tiny_lm, write_eval_data
+from melora.eval import humaneval, runner, sandbox
+from melora.eval.sandbox import Containment, Harness, SandboxLimits, WeakSandboxError
+from tests.test_eval_fixtures import HUMANEVAL_PROBLEMS, save_tiny_lm, tiny_lm, write_eval_data
 
 FAST = SandboxLimits(timeout_s=2.0)
 
@@ -22,10 +22,10 @@ def test_hub_rows_give_the_same_problems(tmp_path, monkeypatch):
     assert humaneval.load(None) == humaneval.load(write_eval_data(tmp_path) / "humaneval")
 
 
-def test_program_appends_tests_and_check_call():
+def test_program_is_the_completed_function_and_the_tests_go_to_the_harness():
     problem = humaneval.Problem("T/0", "def f():\n", "f", "def check(c):\n    assert c() == 1\n")
-    program = humaneval.build_program(problem, "    return 1\n")
-    assert program == "def f():\n    return 1\n\n\ndef check(c):\n    assert c() == 1\n\n\ncheck(f)\n"
+    assert humaneval.build_program(problem, "    return 1\n") == "def f():\n    return 1\n\n"
+    assert humaneval.build_harness(problem) == Harness("f", problem.test, setup="def f():\n")
 
 
 def test_pass_at_1_by_hand(tmp_path):
@@ -62,3 +62,73 @@ def test_evaluate_generates_and_scores_on_a_tiny_model(tmp_path):
     )
     assert len(result.predictions) == 2 and result.summary["pass@1"] == 0.0  # random bytes do not pass
     assert all(not any(s in p["completion"] for s in humaneval.STOP) for p in result.predictions)
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "    return a + b\n\nimport sys\nsys.exit(0)\n",  # a correct body, then a top-level exit
+        "    return a + b\n\nimport os\nos._exit(0)\n",
+        "    import os\n    os._exit(0)\n",
+        "    raise SystemExit(0)\n",
+        "    import atexit, os\n    atexit.register(os._exit, 0)\n    return a - b\n",  # then a failing assert
+        "    import posix\n    posix.kill(posix.getppid(), 9)\n    return a + b\n",
+    ],
+    ids=[
+        "sys.exit-after",
+        "os._exit-after",
+        "os._exit-in-body",
+        "SystemExit",
+        "atexit-os._exit",
+        "kill-parent",
+    ],
+)
+def test_early_exits_and_tricks_score_zero(tmp_path, completion):
+    problems = humaneval.load(write_eval_data(tmp_path) / "humaneval", limit=1)
+    result = humaneval.score_completions(problems, [completion], FAST)
+    assert result.summary["pass@1"] == 0.0, result.predictions
+    assert result.predictions[0]["reason"]
+
+
+def test_the_sandbox_report_travels_with_the_scores(tmp_path):
+    problems = humaneval.load(write_eval_data(tmp_path) / "humaneval", limit=1)
+    details = humaneval.score_completions(problems, ["    return a + b\n"], FAST).details
+    assert details["sandbox"] == sandbox.containment().as_dict()
+
+
+WEAK = Containment(("rlimits", "guard"), ("pid-namespace", "network-namespace"),
+                   {"pid-namespace": "unshare: Operation not permitted"})  # fmt: skip
+
+
+def test_a_weak_sandbox_is_refused_unless_accepted(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_probed", WEAK)
+    model, tokenizer = tiny_lm()
+    problems = humaneval.load(write_eval_data(tmp_path) / "humaneval", limit=1)
+    with pytest.raises(WeakSandboxError) as refusal:
+        humaneval.evaluate(model, tokenizer, problems, batch_size=1, allow_code_execution=True)
+    message = str(refusal.value)
+    assert "\n" not in message and "--accept-weak-sandbox" in message
+    assert "pid-namespace (unshare: Operation not permitted)" in message and "network-namespace" in message
+    result = humaneval.evaluate(model, tokenizer, problems, batch_size=1, max_new_tokens=2,
+                                allow_code_execution=True, limits=FAST, accept_weak_sandbox=True)  # fmt: skip
+    assert result.details["sandbox"]["missing"] == ["pid-namespace", "network-namespace"]
+
+
+def test_melora_eval_refuses_a_weak_sandbox_before_loading_the_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_probed", WEAK)
+    monkeypatch.setattr(runner, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    data = write_eval_data(tmp_path / "data")
+    with pytest.raises(WeakSandboxError, match="lacks pid-namespace .* pass --accept-weak-sandbox"):
+        runner.run_eval("m", None, ["humaneval"], str(data), 1, 1, str(tmp_path / "out"), True)
+
+
+def test_melora_eval_reports_the_sandbox_and_takes_the_flag(tmp_path, monkeypatch):
+    monkeypatch.setattr(sandbox, "_probed", WEAK)
+    model_dir, data = save_tiny_lm(tmp_path / "tiny"), write_eval_data(tmp_path / "data")
+    results = runner.run_eval(str(model_dir), None, ["humaneval"], str(data), 1, 1, str(tmp_path / "out"),
+                              True, 2, accept_weak_sandbox=True)  # fmt: skip
+    assert results["sandbox"] == WEAK.as_dict() and results["config"]["accept_weak_sandbox"] is True
+    from melora.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "--model", "m", "--output-dir", "o", "--accept-weak-sandbox"])
+    assert args.accept_weak_sandbox is True

@@ -2,9 +2,12 @@
 
 The model continues each problem's ``prompt`` (signature + docstring) greedily, for at most 256
 new tokens, stopping at the usual top-level markers ("\\ndef ", "\\nclass ", "\\nif __name__",
-"\\nprint(", "\\n#"). The program ``prompt + completion + test + check(entry_point)`` then runs
-in :mod:`melora.eval.sandbox`; with one greedy sample per problem pass@1 is the fraction that
-exit cleanly. Timeouts and crashes count as failures. Nothing runs without explicit permission.
+"\\nprint(", "\\n#"). The program ``prompt + completion`` then runs in :mod:`melora.eval.sandbox`,
+and the problem's ``test`` runs beside it in a separate harness process that calls
+``check(entry_point)`` on it; a problem passes only when that harness reports that ``check``
+returned (an early exit of the program is a failure). With one greedy sample per problem pass@1
+is the passing fraction. Timeouts and crashes count as failures. Nothing runs without explicit
+permission, nor in a sandbox that lacks a required containment unless that is accepted.
 Data: ``<dir>/HumanEval.jsonl.gz`` (or ``.jsonl``) or hub ``openai/openai_humaneval``.
 """
 
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from melora.eval.sandbox import SandboxLimits, run_program
+from melora.eval.sandbox import Harness, SandboxLimits, containment, require_containment, run_program
 from melora.eval.scoring import TaskResult, greedy_generate
 
 logger = logging.getLogger(__name__)
@@ -63,8 +66,13 @@ def load(data_dir: Path | None, limit: int | None = None) -> list[Problem]:
 
 
 def build_program(problem: Problem, completion: str) -> str:
-    """The file the sandbox runs: the function, its tests, and the call that checks it."""
-    return f"{problem.prompt}{completion}\n\n{problem.test}\n\ncheck({problem.entry_point})\n"
+    """The untrusted file the sandbox runs: the prompt and its completion (the function)."""
+    return f"{problem.prompt}{completion}\n"
+
+
+def build_harness(problem: Problem) -> Harness:
+    """The trusted side: the prompt's helpers and the tests, then ``check(entry_point)``."""
+    return Harness(entry_point=problem.entry_point, test=problem.test, setup=problem.prompt)
 
 
 def score_completions(
@@ -77,16 +85,18 @@ def score_completions(
     if not problems:
         raise ValueError("No HumanEval problems were evaluated; check --limit and the data folder.")
     workers = workers or min(4, os.cpu_count() or 1)
-    programs = [build_program(p, c) for p, c in zip(problems, completions)]
+    jobs = [(build_program(p, c), build_harness(p)) for p, c in zip(problems, completions)]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = list(pool.map(lambda src: run_program(src, limits), programs))
+        outcomes = list(pool.map(lambda job: run_program(job[0], limits, job[1]), jobs))
     predictions = [
-        {"task_id": p.task_id, "completion": c, "status": o.status, "stderr": o.stderr[-500:]}
+        {"task_id": p.task_id, "completion": c, "status": o.status, "reason": o.reason,
+         "stderr": o.stderr[-500:]}
         for p, c, o in zip(problems, completions, outcomes)
-    ]
+    ]  # fmt: skip
     passed = sum(o.passed for o in outcomes)
     summary = {"pass@1": passed / len(problems)}
-    return TaskResult(summary, {"status_counts": dict(Counter(o.status for o in outcomes))}, predictions)
+    details = {"status_counts": dict(Counter(o.status for o in outcomes)), "sandbox": containment().as_dict()}
+    return TaskResult(summary, details, predictions)
 
 
 def evaluate(
@@ -97,10 +107,16 @@ def evaluate(
     max_new_tokens: int | None = None,
     allow_code_execution: bool = False,
     limits: SandboxLimits | None = None,
+    accept_weak_sandbox: bool = False,
 ) -> TaskResult:
-    """Generate a greedy completion per problem, then score them in the sandbox."""
+    """Generate a greedy completion per problem, then score them in the sandbox.
+
+    Refuses (:class:`~melora.eval.sandbox.WeakSandboxError`) when the sandbox here lacks a
+    required containment, unless ``accept_weak_sandbox``.
+    """
     if not allow_code_execution:
         raise PermissionError(NO_PERMISSION)
+    require_containment(accept_weak_sandbox)
     logger.info("HumanEval: generating %d completions", len(problems))
     completions = greedy_generate(
         model, tokenizer, [p.prompt for p in problems], max_new_tokens or MAX_NEW_TOKENS, STOP, batch_size

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from melora.eval import bbh, drop, humaneval, mmlu
+from melora.eval.sandbox import ACCEPT_FLAG, require_containment
 from melora.eval.scoring import TaskResult
 from melora.io import atomic_write_text
 from melora.provenance import provenance
@@ -42,7 +43,13 @@ TASKS: dict[str, TaskSpec] = {
     "humaneval": TaskSpec(
         humaneval.load,
         lambda m, t, d, o: humaneval.evaluate(
-            m, t, d, o.batch_size, o.max_new_tokens, o.allow_code_execution
+            m,
+            t,
+            d,
+            o.batch_size,
+            o.max_new_tokens,
+            o.allow_code_execution,
+            accept_weak_sandbox=o.accept_weak_sandbox,
         ),
     ),
     "drop": TaskSpec(drop.load, lambda m, t, d, o: drop.evaluate(m, t, d, o.batch_size, o.max_new_tokens)),
@@ -56,6 +63,7 @@ class EvalOptions:
     batch_size: int
     max_new_tokens: int | None
     allow_code_execution: bool
+    accept_weak_sandbox: bool = False
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
@@ -243,23 +251,26 @@ def run_eval(
     *,
     merge: bool = False,
     label: str | None = None,
+    accept_weak_sandbox: bool = False,
 ) -> dict:
     """Evaluate ``model`` (+ ``adapter``) on ``tasks``; write and return the results.json dict.
 
     ``limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval / DROP;
     a dict such as ``{"mmlu": 2, "bbh": 3, "humaneval": 20}`` sets it per task (a missing task: all).
     ``max_new_tokens`` overrides every generation task's default (BBH 32, HumanEval 256, DROP 16).
+    HumanEval also refuses a sandbox that lacks a required containment unless ``accept_weak_sandbox``.
     """
     start = time.perf_counter()
     names = parse_tasks(tasks)
     limits = task_limits(limit, names)
     if "humaneval" in names and not allow_code_execution:
         raise PermissionError(humaneval.NO_PERMISSION)
+    sandbox = require_containment(accept_weak_sandbox).as_dict() if "humaneval" in names else None
     adapter, record = resolve_adapter(adapter)
     described = describe(model, adapter, record)
     data = {name: TASKS[name].load(task_data_dir(data_dir, name), limits[name]) for name in names}
     lm, tokenizer, stats = load_model(model, adapter, merge)
-    options = EvalOptions(batch_size, max_new_tokens, allow_code_execution)
+    options = EvalOptions(batch_size, max_new_tokens, allow_code_execution, accept_weak_sandbox)
     out = Path(output_dir)
     config = {
             "model": model,
@@ -271,6 +282,7 @@ def run_eval(
             "batch_size": batch_size,
             "max_new_tokens": max_new_tokens,
             "allow_code_execution": allow_code_execution,
+            "accept_weak_sandbox": accept_weak_sandbox,
             "output_dir": output_dir,
     }  # fmt: skip
     task_results: dict[str, TaskResult] = {}
@@ -295,6 +307,7 @@ def run_eval(
                 "tasks": {t: r.details for t, r in task_results.items()},
                 "complete": complete,
                 "run": str(Path(adapter).parent) if record is not None else None,
+                **({"sandbox": sandbox} if sandbox is not None else {}),
             },
         )
         results = record_out.to_dict()
@@ -337,6 +350,9 @@ def add_parser(subparsers) -> None:
         "--allow-code-execution", action="store_true", help="needed for humaneval: runs generated code"
     )
     parser.add_argument(
+        ACCEPT_FLAG, action="store_true", help="run humaneval even where the sandbox lacks a containment"
+    )
+    parser.add_argument(
         "--label", default=None, help="run label (default: the run's, e.g. 'melora r=1 n=8', or 'base')"
     )
     parser.add_argument("--output-dir", required=True)
@@ -347,6 +363,7 @@ def _main(args: argparse.Namespace) -> int:
     results = run_eval(
         args.model, args.adapter, parse_tasks(args.tasks), args.data_dir, args.limit, args.batch_size,
         args.output_dir, args.allow_code_execution, args.max_new_tokens, merge=args.merge, label=args.label,
+        accept_weak_sandbox=args.accept_weak_sandbox,
     )  # fmt: skip
     print(render_markdown(results).split("\n## ")[0])
     print(f"wrote {Path(args.output_dir) / 'results.json'}")
