@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 METHODS = ("melora", "lora", "full")
 DEFAULT_R = {"melora": 1, "lora": 8}
@@ -407,6 +407,51 @@ def resolve(
         except (TypeError, ValueError) as err:
             raise UserError(str(err).replace("\n", " ")) from err
     return built
+
+
+class RunOptions:
+    """Base of a runner's options dataclass: one field per part (e.g. ``glue``, ``adapter``, ``train``).
+
+    A subclass sets ``PARTS`` (part name -> dataclass), ``DEFAULTS`` (the runner's defaults for any
+    field) and ``DEFAULT_LR`` (per method, used when no lr is given).
+    """
+
+    PARTS: ClassVar[dict[str, type]] = {}
+    TITLES: ClassVar[dict[str, str]] = {"adapter": "adapter", "train": "training"}
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+    DEFAULT_LR: ClassVar[dict[str, float]] = {}
+
+    def __post_init__(self) -> None:
+        train, adapter = getattr(self, "train"), getattr(self, "adapter")  # noqa: B009
+        if train.lr is None:
+            train.lr = self.DEFAULT_LR[adapter.method]
+
+    @classmethod
+    def from_options(
+        cls,
+        flags: dict[str, Any] | None = None,
+        preset: dict[str, Any] | None = None,
+        preset_path: str | os.PathLike | None = None,
+    ):
+        """Defaults < preset < flags; unknown keys are a UserError naming the key (and the file)."""
+        return cls(
+            **resolve(cls.PARTS, defaults=cls.DEFAULTS, preset=preset, preset_path=preset_path, flags=flags)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option as one flat mapping (what results.json stores as ``config``)."""
+        out: dict[str, Any] = {}
+        for part in self.PARTS:
+            out.update(dataclasses.asdict(getattr(self, part)))
+        return out
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, presets: str) -> None:
+        """``--config`` plus one flag group per part (the runner's defaults shown in the help)."""
+        parser.add_argument("--config", default=None, help=f"YAML preset ({presets}); flags override it")
+        for part, part_cls in cls.PARTS.items():
+            group = parser.add_argument_group(cls.TITLES.get(part, part))
+            add_dataclass_args(group, part_cls, defaults=cls.DEFAULTS)
 
 
 def load_preset(path: str | os.PathLike | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from melora.args import AdapterArgs, TrainArgs, UserError, opt, resolve
+from melora.args import AdapterArgs, RunOptions, TrainArgs, UserError, opt
 from melora.data.glue import TASKS
 
 logger = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class GlueArgs:
 
 
 @dataclass
-class GlueRun:
+class GlueRun(RunOptions):
     """Everything one GLUE run needs: its task/data, its adapter and its training loop."""
 
     glue: GlueArgs
@@ -74,25 +74,9 @@ class GlueRun:
     train: TrainArgs
 
     PARTS = {"glue": GlueArgs, "adapter": AdapterArgs, "train": TrainArgs}
-
-    def __post_init__(self) -> None:
-        if self.train.lr is None:
-            self.train.lr = DEFAULT_LR[self.adapter.method]
-
-    @classmethod
-    def from_options(
-        cls,
-        flags: dict[str, Any] | None = None,
-        preset: dict[str, Any] | None = None,
-        preset_path: str | None = None,
-    ) -> GlueRun:
-        """Defaults < preset < flags; unknown keys are a UserError naming the key (and the file)."""
-        return cls(
-            **resolve(cls.PARTS, defaults=DEFAULTS, preset=preset, preset_path=preset_path, flags=flags)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self.glue), **asdict(self.adapter), **asdict(self.train)}
+    TITLES = {**RunOptions.TITLES, "glue": "task and data"}
+    DEFAULTS = DEFAULTS
+    DEFAULT_LR = DEFAULT_LR
 
 
 def _tokenize(data, tokenizer, max_length: int):
@@ -347,18 +331,13 @@ def main(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``melora glue`` (flags generated from GlueArgs, AdapterArgs, TrainArgs)."""
-    from melora.args import add_dataclass_args
-
     parser = subparsers.add_parser(
         "glue",
         help="fine-tune an encoder on a GLUE task",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML preset (configs/glue/); flags override it")
-    add_dataclass_args(parser.add_argument_group("task and data"), GlueArgs)
-    add_dataclass_args(parser.add_argument_group("adapter"), AdapterArgs)
-    add_dataclass_args(parser.add_argument_group("training"), TrainArgs, defaults=DEFAULTS)
+    GlueRun.add_arguments(parser, "configs/glue/")
     parser.set_defaults(func=main)
     return parser
 

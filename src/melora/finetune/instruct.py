@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from melora.args import AdapterArgs, TrainArgs, UserError, opt, resolve
+from melora.args import AdapterArgs, RunOptions, TrainArgs, UserError, opt
 from melora.data.instruct import (
     TEMPLATES,
     InstructCollator,
@@ -78,7 +78,7 @@ class InstructArgs:
 
 
 @dataclass
-class InstructRun:
+class InstructRun(RunOptions):
     """Everything one instruction-tuning run needs: data/model, adapter and training loop."""
 
     instruct: InstructArgs
@@ -86,25 +86,9 @@ class InstructRun:
     train: TrainArgs
 
     PARTS = {"instruct": InstructArgs, "adapter": AdapterArgs, "train": TrainArgs}
-
-    def __post_init__(self) -> None:
-        if self.train.lr is None:
-            self.train.lr = DEFAULT_LR[self.adapter.method]
-
-    @classmethod
-    def from_options(
-        cls,
-        flags: dict[str, Any] | None = None,
-        preset: dict[str, Any] | None = None,
-        preset_path: str | None = None,
-    ) -> InstructRun:
-        """Defaults < preset < flags; unknown keys are a UserError naming the key (and the file)."""
-        return cls(
-            **resolve(cls.PARTS, defaults=DEFAULTS, preset=preset, preset_path=preset_path, flags=flags)
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self.instruct), **asdict(self.adapter), **asdict(self.train)}
+    TITLES = {**RunOptions.TITLES, "instruct": "model and data"}
+    DEFAULTS = DEFAULTS
+    DEFAULT_LR = DEFAULT_LR
 
 
 def _features(examples, tokenizer, args: InstructArgs) -> list[dict[str, list[int]]]:
@@ -277,18 +261,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``melora instruct`` (flags generated from InstructArgs, AdapterArgs, TrainArgs)."""
-    from melora.args import add_dataclass_args
-
     parser = subparsers.add_parser(
         "instruct",
         help="instruction tuning (Alpaca / Dolly) of a causal LM",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default=None, help="YAML preset (configs/instruct/); flags override it")
-    add_dataclass_args(parser.add_argument_group("model and data"), InstructArgs)
-    add_dataclass_args(parser.add_argument_group("adapter"), AdapterArgs)
-    add_dataclass_args(parser.add_argument_group("training"), TrainArgs, defaults=DEFAULTS)
+    InstructRun.add_arguments(parser, "configs/instruct/")
     parser.set_defaults(func=_run)
     return parser
 
