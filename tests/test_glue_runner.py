@@ -11,10 +11,10 @@ import pytest
 
 from melora.args import UserError, load_preset
 from melora.finetune.glue import GlueRun, add_parser, epoch_metrics, format_result, run_glue, summarize
+from tests.tiny_models import write_tiny_glue
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "glue"
-WORDS = "the a cat dog sat ran on mat yes no is was big small red blue here there".split()
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -26,37 +26,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny BERT classifier with its own WordPiece vocab, and RTE-layout TSVs (label: 'yes' in sentence2)."""
-    import random
-
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    model_dir = root / "model"
-    model_dir.mkdir()
-    vocab = model_dir / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(WORDS) + 5,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    for split, count in (("train", 48), ("dev", 20)):
-        lines = ["index\tsentence1\tsentence2\tlabel"]
-        for i in range(count):
-            s1 = " ".join(rng.choices(WORDS, k=6))
-            s2 = " ".join(rng.choices(WORDS[:-2], k=3))
-            lines.append(f"{i}\t{s1}\t{s2}\t{'entailment' if 'yes' in s2.split() else 'not_entailment'}")
-        (root / "data" / "RTE").mkdir(parents=True, exist_ok=True)
-        (root / "data" / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return {"model": str(model_dir), "data_dir": str(root / "data")}
+    return write_tiny_glue(tmp_path_factory.mktemp("tiny"))
 
 
 def tiny_config(tiny, output_dir, **overrides) -> GlueRun:

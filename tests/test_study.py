@@ -189,9 +189,9 @@ def test_run_options_layer_base_task_method_and_run(tmp_path):
 @pytest.mark.slow
 def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
     """A real study of tiny BERT runs (subprocesses): kill it mid-way, rerun, nothing finished reruns."""
-    from tests.test_glue_runner import WORDS  # noqa: F401  (the tiny fixture's vocabulary)
+    from tests.tiny_models import write_tiny_glue
 
-    tiny = _tiny_glue(tmp_path)
+    tiny = write_tiny_glue(tmp_path / "tiny", hidden=32, layers=1, counts=(("train", 32), ("dev", 16)))
     data = study(
         tmp_path,
         base={
@@ -232,31 +232,3 @@ def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
     assert "Paired comparisons" in report and "melora r=1 n=8 vs lora r=8" in report
     summary = json.loads((root / "summary.json").read_text())
     assert set(summary["chosen_lr"]) == {"rte/lora-r8", "rte/melora-r1-n8"}
-
-
-def _tiny_glue(tmp_path) -> dict:
-    import random
-
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    from tests.test_glue_runner import WORDS
-
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    vocab = model_dir / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)  # fmt: skip
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    for split, count in (("train", 32), ("dev", 16)):
-        lines = ["index\tsentence1\tsentence2\tlabel"]
-        for i in range(count):
-            s2 = " ".join(rng.choices(WORDS[:-2], k=3))
-            lines.append(f"{i}\ta b\t{s2}\t{'entailment' if 'yes' in s2.split() else 'not_entailment'}")
-        (tmp_path / "data" / "RTE").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data" / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
-    return {"model": str(model_dir), "data_dir": str(tmp_path / "data")}

@@ -89,3 +89,38 @@ TINY_MODELS = {
 def model_output(model, inputs) -> torch.Tensor:
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+GLUE_WORDS = "the a cat dog sat ran on mat yes no is was big small red blue here there".split()
+
+
+def write_tiny_glue(root, hidden: int = 64, layers: int = 2, counts=(("train", 48), ("dev", 20))) -> dict:
+    """A tiny BERT classifier with its own WordPiece vocab, and RTE-layout TSVs (label: 'yes' in sentence2).
+
+    Returns ``{"model": folder, "data_dir": folder}`` for the GLUE runner.
+    """
+    import random
+    from pathlib import Path
+
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = Path(root)
+    model_dir = root / "model"
+    model_dir.mkdir(parents=True)
+    vocab = model_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *GLUE_WORDS]) + "\n")
+    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(GLUE_WORDS) + 5, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64)  # fmt: skip
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, count in counts:
+        lines = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(count):
+            s1 = " ".join(rng.choices(GLUE_WORDS, k=6))
+            s2 = " ".join(rng.choices(GLUE_WORDS[:-2], k=3))
+            lines.append(f"{i}\t{s1}\t{s2}\t{'entailment' if 'yes' in s2.split() else 'not_entailment'}")
+        (root / "data" / "RTE").mkdir(parents=True, exist_ok=True)
+        (root / "data" / "RTE" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return {"model": str(model_dir), "data_dir": str(root / "data")}
