@@ -32,7 +32,6 @@ NON_DEFINING = frozenset(
         "save_model",
         "eval_batch_size",
         "adapter",
-        "tasks_done",
     }
 )
 

@@ -113,10 +113,8 @@ def running_elsewhere(job: Job) -> bool:
 
 def execute(spec: StudySpec, job: Job) -> int:
     """Run one job to completion in a subprocess; returns its exit status."""
-    if job.kind == "train" and job.folder.exists():
+    if job.folder.exists():
         shutil.rmtree(job.folder)  # an unfinished earlier attempt: start over
-    elif job.kind == "eval" and job.folder.exists():
-        shutil.rmtree(job.folder)
     job.folder.mkdir(parents=True, exist_ok=True)
     argv = command_for(spec, job)
     env = {
@@ -138,7 +136,7 @@ def execute(spec: StudySpec, job: Job) -> int:
         (job.folder / LOCK).unlink(missing_ok=True)
 
 
-def _ready(job: Job, plan: Plan) -> bool:
+def _ready(job: Job) -> bool:
     """An evaluation waits for its training run."""
     return job.kind != "eval" or is_done(
         Job("train", job.task, job.slug, job.lr, job.seed, job.folder.parent)
@@ -164,10 +162,7 @@ def run_study(spec: StudySpec, progress: bool = True) -> tuple[Plan, list[str]]:
             todo = [
                 j
                 for j in plan.pending(is_done)
-                if j.name not in active
-                and j.name not in failed
-                and _ready(j, plan)
-                and not running_elsewhere(j)
+                if j.name not in active and j.name not in failed and _ready(j) and not running_elsewhere(j)
             ]
             for job in todo[: spec.workers - len(running)]:
                 logger.info("start %s", job.name)

@@ -9,6 +9,7 @@ comparisons with 95% intervals and a verdict, and a plot of the n ablation when 
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -189,7 +190,7 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
     }
     if runs:
-        metric_keys = "|".join(sorted({spec.metric_for(t).replace("/", "/") for t in spec.tasks}))
+        metric_keys = "|".join(sorted({re.escape(spec.metric_for(t)) for t in spec.tasks}))
         groups = aggregate(runs, keys=f"^({metric_keys})$")
         sections += ["## Scores at each method's chosen learning rate", "", markdown_tables(groups)]
         plot_score_vs_params(groups, figures / "score_vs_params.png")
