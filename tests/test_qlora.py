@@ -103,3 +103,23 @@ def test_qlora_on_gpu_uses_paged_adamw(tmp_path):
     assert results["optimizer"] == "paged_adamw_8bit"
     assert results["quantized_base"] == {"bnb 4bit": 4}
     assert results["summary"]["instruct/heldout_loss"] < results["heldout_loss_base"]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/quantization.md", "docs/results_instruct.md"])
+def test_documented_one_gpu_llama2_command_resolves(doc):
+    """The LLaMA-2-7B one-GPU QLoRA command in the docs: the authors' preset, 4-bit, effective batch 128."""
+    import shlex
+    from pathlib import Path
+
+    from tests.test_instruct_runner import REPO, options_from_args, parse
+
+    text = (REPO / doc).read_text().replace("\\\n", " ")
+    lines = [line for line in text.splitlines() if "--quantize 4bit" in line and "alpaca_llama2_7b" in line]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    assert argv[:2] == ["melora", "instruct"]
+    argv = [str(REPO / a) if a.startswith("configs/") else a for a in argv]  # paths relative to the repo
+    run = options_from_args(parse(argv[2:]))
+    assert Path(run.instruct.model).name == "Llama-2-7b-hf"
+    assert run.instruct.quantize == "4bit" and run.instruct.bf16 and run.instruct.gradient_checkpointing
+    assert run.train.batch_size * run.train.grad_accum == 128

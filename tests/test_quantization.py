@@ -71,7 +71,8 @@ def _hqq(path: Path) -> torch.nn.Module:
 
 BACKENDS = {
     # nf4 with fp32 compute: the kernel dequantises then multiplies, so only fp32 rounding differs. NF4's widest
-    # gap between levels is 1 - 0.723 of the block's absmax: half of it is < 0.14.
+    # gap between levels is -1 to -0.696 of the block's absmax: half of it is 0.152, and double quantisation
+    # rounds the absmax itself to 8 bits.
     "bnb-4bit": Backend(
         "bnb-4bit",
         "bitsandbytes",
@@ -83,7 +84,7 @@ BACKENDS = {
             bnb_4bit_compute_dtype=torch.float32,
         ),
         forward_rtol=1e-5,
-        merge_rtol=0.14,
+        merge_rtol=0.16,
     ),
     # LLM.int8 also quantises the activations row-wise to int8 (inputs cast to fp16): ~1/127 per product,
     # averaging out over 64 inputs. Row-wise absmax int8 weights: half a step is 1/254 of the row's max.
