@@ -23,7 +23,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from melora import MELoRAConfig, export_lora
+from melora import MELoRAConfig, export_lora, save_adapter
 from melora.tuner.layer import Linear as MELoRALinear
 from tests.tiny_models import tiny_llama
 
@@ -259,3 +259,26 @@ def test_torchao_quantized_outside_transformers_refuses_to_merge(tiny_llama_dir)
         model.merge_and_unload()
     assert not layer.merged
     assert torch.equal(_stored(layer.get_base_layer().weight), before)
+
+
+def test_save_load_round_trip_and_mixed_batch(backend, tiny_llama_dir, tmp_path):
+    model = _melora(backend.load(tiny_llama_dir), init_weights=False).eval()
+    base = backend.load(tiny_llama_dir).eval()
+    with torch.no_grad():
+        expected, plain = model(input_ids=_ids()).logits, base(input_ids=_ids()).logits
+    save_adapter(model, tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(backend.load(tiny_llama_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=_ids()).logits, expected)
+        mixed = reloaded(input_ids=_ids(), adapter_names=["default", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], expected[0])
+    torch.testing.assert_close(mixed[1], plain[1])
+
+
+def test_n_that_does_not_divide_a_quantized_layer_names_it(backend, tiny_llama_dir):
+    config = MELoRAConfig(r=1, n=3, target_modules=TARGETS)
+    with pytest.raises(
+        ValueError,
+        match=r"n=3 does not divide in_features=64 of model\.layers\.0\.self_attn\.q_proj .*use n in",
+    ):
+        get_peft_model(backend.load(tiny_llama_dir), config)
