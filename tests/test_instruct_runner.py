@@ -231,3 +231,26 @@ def test_per_module_patterns_reach_the_adapter_from_the_command_line(tmp_path, t
         InstructRun.from_options(
             {"data": ["d"], "output_dir": "o", "method": "lora", "n_pattern": {"v_proj": 2}}
         )
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_tiny_quantized_run_trains_the_adapter(tmp_path, tiny_model_dir, alpaca_file, kind):
+    """QLoRA-style: the base loaded with bitsandbytes (its CPU backend here), MELoRA trained on it."""
+    pytest.importorskip("bitsandbytes", reason="--quantize needs bitsandbytes (pip install 'melora[quant]')")
+    from peft import AutoPeftModelForCausalLM
+
+    out = tmp_path / "run"
+    argv = ["--data", str(alpaca_file), "--model", str(tiny_model_dir), "--output-dir", str(out),
+            "--val-size", "4", "--max-train-samples", "8", "--batch-size", "4", "--max-steps", "6",
+            "--lr", "2e-2", "--warmup-steps", "0", "--lr-scheduler", "constant", "--no-progress",
+            "--quantize", kind, "--method", "melora", "--r", "1", "--n", "8"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["quantize"] == kind
+    assert results["quantized_base"] == {f"bnb {kind}": 4}  # q_proj and v_proj of both layers
+    assert results["optimizer"] == "adamw_bnb_8bit"  # CPU: bitsandbytes' 8-bit AdamW, no paging
+    assert results["summary"]["instruct/heldout_loss"] < results["heldout_loss_base"] - 0.01
+    curve = [step["loss"] for step in results["loss_curve"]]
+    assert len(curve) == 6 and curve[-1] < curve[0], curve
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "adapter")  # the adapter loads on a plain base
+    assert reloaded.peft_config["default"].peft_type == "MELORA"

@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,12 +74,12 @@ def _gguf_cache(source: ModelSource) -> Path:
     return cache_dir() / "gguf" / stem
 
 
-def _load_gguf_causal_lm(source: ModelSource, dtype: torch.dtype):
+def _load_gguf_causal_lm(source: ModelSource, dtype: torch.dtype, **load_kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = _gguf_cache(source)
     if (cached / "config.json").is_file() and (cached / "tokenizer_config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(cached)
         return model, tokenizer
     logger.info("Dequantising %s (first load only, cached under %s)", source.gguf_file, cached)
@@ -93,18 +94,32 @@ def _load_gguf_causal_lm(source: ModelSource, dtype: torch.dtype):
         os.replace(tmp, cached)
     except OSError:  # another process finished first
         logger.info("GGUF cache %s already written by another process", cached)
+    if load_kwargs:  # e.g. quantization: from the dense copy just written
+        return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **load_kwargs), tokenizer
     return model.to(dtype), tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Return ``(model, tokenizer)`` for a causal LM; the tokenizer gets a pad token if it lacks one."""
+def load_causal_lm(
+    name_or_path: str,
+    dtype: torch.dtype = torch.float32,
+    quantization_config: Any = None,
+    device_map: str | dict[str, Any] | None = None,
+):
+    """Return ``(model, tokenizer)`` for a causal LM; the tokenizer gets a pad token if it lacks one.
+
+    ``quantization_config`` (e.g. transformers' ``BitsAndBytesConfig``) quantizes the weights while loading,
+    onto ``device_map``; a GGUF model is quantized from its dequantised cached copy.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    load_kwargs: dict[str, Any] = {}
+    if quantization_config is not None:
+        load_kwargs = {"quantization_config": quantization_config, "device_map": device_map}
     source = resolve_model(name_or_path)
     if source.gguf_file is not None:
-        model, tokenizer = _load_gguf_causal_lm(source, dtype)
+        model, tokenizer = _load_gguf_causal_lm(source, dtype, **load_kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **load_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -25,6 +25,7 @@ from melora.data.instruct import (
     split_examples,
     tokenize_example,
 )
+from melora.finetune.qlora import QUANTIZE
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,12 @@ class InstructArgs:
     packing: bool = opt(False, "concatenate whole examples into max-length sequences")
     group_by_length: bool = opt(False, "batch examples of similar length together")
     bf16: bool = opt(False, "load in bfloat16 and train with bf16 autocast (GPUs)")
+    quantize: str | None = opt(
+        None,
+        "load the base quantized with bitsandbytes and train the adapter on it: 4bit is QLoRA's recipe (NF4, "
+        "double quantisation, bf16 compute), 8bit is LLM.int8; the optimizer becomes 8-bit AdamW (paged on GPU)",
+        choices=QUANTIZE,
+    )
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     logging_steps: int = opt(1, "log the training loss every K steps")
     eval_base: bool = opt(True, "also measure the held-out loss before training")
@@ -73,6 +80,10 @@ class InstructArgs:
             problems.append(f"max_train_samples={self.max_train_samples!r}: expected a positive integer")
         if self.val_size < 0:
             problems.append(f"val_size={self.val_size!r}: expected an integer >= 0")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            problems.append(
+                f"quantize={self.quantize!r}: choose one of {', '.join(QUANTIZE)} (or leave it unset)"
+            )
         if problems:
             raise UserError("Invalid instruct options: " + "; ".join(problems) + ".")
 
@@ -89,6 +100,14 @@ class InstructRun(RunOptions):
     TITLES = {**RunOptions.TITLES, "instruct": "model and data"}
     DEFAULTS = DEFAULTS
     DEFAULT_LR = DEFAULT_LR
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.instruct.quantize and self.adapter.method == "full":
+            raise UserError(
+                f"--quantize {self.instruct.quantize} trains adapters on frozen quantized weights; full "
+                "fine-tuning cannot update them. Use --method melora or lora, or drop --quantize."
+            )
 
 
 def _features(examples, tokenizer, args: InstructArgs) -> list[dict[str, list[int]]]:
@@ -111,6 +130,45 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
+def _load_model(args: InstructArgs, dtype: torch.dtype) -> tuple[Any, Any, str | None]:
+    """(model, tokenizer, HF optimizer name or None): plain, or bitsandbytes-quantized for ``--quantize``."""
+    from melora.models import load_causal_lm
+
+    if not args.quantize:
+        model, tokenizer = load_causal_lm(args.model, dtype=dtype)
+        model.config.use_cache = False
+        return model, tokenizer, None
+    from peft import prepare_model_for_kbit_training
+
+    from melora.finetune.qlora import bnb_config, check_bitsandbytes, optimizer_name, training_device
+
+    device = training_device()
+    check_bitsandbytes(args.quantize, device)
+    model, tokenizer = load_causal_lm(
+        args.model, dtype=dtype, quantization_config=bnb_config(args.quantize), device_map={"": device}
+    )
+    model.config.use_cache = False
+    # QLoRA: norms, embeddings and head in fp32 for stable training; input grads for checkpointing
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    optim = optimizer_name(device)
+    logger.info("base quantized to %s with bitsandbytes on %s; optimizer %s", args.quantize, device, optim)
+    return model, tokenizer, optim
+
+
+def _quantized_base(model: torch.nn.Module) -> dict[str, int]:
+    """Adapted layers per quantization backend, e.g. {"bnb 4bit": 60} ({} for a plain base)."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        backend = getattr(module, "quantization_backend", None)
+        if backend is not None:
+            counts[backend.backend_name] = counts.get(backend.backend_name, 0) + 1
+    return counts
+
+
 def run_instruct(run: InstructRun) -> dict[str, Any]:
     """Train one model on instruction data and write the adapter + ``results.json``; return the results.
 
@@ -128,7 +186,6 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
         trainable_checksum,
         training_arguments,
     )
-    from melora.models import load_causal_lm
     from melora.provenance import provenance
     from melora.records import RunRecord
 
@@ -143,8 +200,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
     )
     set_seed(train.seed)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, tokenizer = load_causal_lm(args.model, dtype=dtype)
-    model.config.use_cache = False
+    model, tokenizer, optim = _load_model(args, dtype)
     train_features = _features(train_examples, tokenizer, args)
     if args.packing:
         train_features = pack_features(train_features, args.max_length)
@@ -171,6 +227,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
             activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
             train_sampling_strategy="group_by_length" if args.group_by_length else "random",
             remove_unused_columns=False,
+            **({"optim": optim} if optim else {}),
         ),
         data_collator=InstructCollator(pad_token_id=tokenizer.pad_token_id),
         train_dataset=train_features,
@@ -222,6 +279,8 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
             "saved_to": save_dir.name,
             "resumed_from": checkpoint,
             "trainable_checksum": trainable_checksum(model),
+            "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
+            "quantized_base": _quantized_base(model),
             "total_params": params["total_params"],
         },
     )

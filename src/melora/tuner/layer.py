@@ -1,4 +1,10 @@
-"""The MELoRA adapter layer: parameters, init, merge/unmerge and forward (math in melora.functional)."""
+"""The MELoRA adapter layer: parameters, init, merge/unmerge and forward (math in melora.functional).
+
+Quantized base layers (bitsandbytes 4-bit / 8-bit, torchao, HQQ) go through PEFT's generic quantization backend
+(``peft.utils.resolve_quantization_backend``): the forward calls the quantized kernel, and merge/unmerge read the
+base weight dequantized, add dW in float32 and requantise it (``BaseTunerLayer.get_base_weight`` /
+``set_base_weight``), the way PEFT's MiSS does.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend, QuantizationBackend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -16,18 +24,45 @@ from melora.functional import init_melora_factors, melora_delta_weight, melora_f
 BASE_ADAPTER_NAME = "__base__"
 
 
+def quantization_backend(
+    base_layer: nn.Module, get_apply_tensor_subclass: Any = None
+) -> QuantizationBackend | None:
+    """PEFT's quantization backend of ``base_layer`` (None for a plain layer).
+
+    A torchao layer quantized by ``torchao.quantize_`` outside transformers carries no record of its config, so it
+    could not be requantised after a merge: it gets a forward-only backend and merging it raises.
+    """
+    try:
+        return resolve_quantization_backend(base_layer, get_apply_tensor_subclass=get_apply_tensor_subclass)
+    except ValueError:  # torchao weight without its quantization config
+        return ForwardOnlyQuantizationBackend("torchao (quantized outside transformers)")
+
+
 def _features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
-    """(in_features, out_features) of a Linear or transformers Conv1D."""
-    if isinstance(base_layer, nn.Linear):
+    """(in_features, out_features) of a Linear, a transformers Conv1D or a quantized linear layer."""
+    if isinstance(base_layer, nn.Linear):  # also bitsandbytes' Linear4bit / Linear8bitLt and torchao's
         return base_layer.in_features, base_layer.out_features
     if isinstance(base_layer, Conv1D):
         weight = base_layer.weight
         in_features, out_features = weight.ds_shape if hasattr(weight, "ds_shape") else weight.shape
         return in_features, out_features
+    backend = quantization_backend(base_layer)
+    if backend is not None and backend.layer_type == "linear" and hasattr(base_layer, "in_features"):
+        return base_layer.in_features, base_layer.out_features  # e.g. HQQLinear
     raise TypeError(
         f"MELoRA cannot adapt {module_name or 'this module'} of type {type(base_layer).__name__}: only "
-        "torch.nn.Linear and transformers' Conv1D are supported. Remove it from target_modules."
+        "torch.nn.Linear, transformers' Conv1D and their quantized versions (bitsandbytes, torchao, HQQ) are "
+        "supported. Remove it from target_modules."
     )
+
+
+def _device_and_dtype(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device of the base weights and the dtype for new adapter weights (float32 over integer storage)."""
+    weight = getattr(base_layer, "weight", None)
+    if weight is None:
+        weight = base_layer.W_q  # HQQLinear keeps its packed weight in W_q
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return weight.device, dtype
 
 
 class MELoRALayer(BaseTunerLayer):
@@ -35,14 +70,23 @@ class MELoRALayer(BaseTunerLayer):
 
     For adapter ``a``: ``melora_A[a]`` (n, r, in_features // n), ``melora_B[a]`` (n, out_features // n, r),
     ``scaling[a] = alpha / r``. The layer keeps the real ``in_features`` / ``out_features``.
+    ``quantization_backend`` is PEFT's backend for a quantized base layer, or None.
     """
 
     adapter_layer_names = ("melora_A", "melora_B")
     other_param_names = ("r", "n", "alpha", "scaling", "melora_dropout")
 
-    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        module_name: str = "",
+        get_apply_tensor_subclass: Any = None,
+        **kwargs: Any,
+    ) -> None:
         self.base_layer = base_layer
         self.module_name = module_name
+        # torchao needs get_apply_tensor_subclass (from transformers' TorchAoConfig) to requantise after a merge
+        self.quantization_backend = quantization_backend(self.get_base_layer(), get_apply_tensor_subclass)
         self.r: dict[str, int] = {}
         self.n: dict[str, int] = {}
         self.alpha: dict[str, float] = {}
@@ -76,10 +120,9 @@ class MELoRALayer(BaseTunerLayer):
         self.alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / r
         self.melora_dropout[adapter_name] = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
-        weight = self.get_base_layer().weight
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        A = torch.empty(n, r, self.in_features // n, dtype=dtype, device=weight.device)
-        B = torch.empty(n, self.out_features // n, r, dtype=dtype, device=weight.device)
+        device, dtype = _device_and_dtype(self.get_base_layer())
+        A = torch.empty(n, r, self.in_features // n, dtype=dtype, device=device)
+        B = torch.empty(n, self.out_features // n, r, dtype=dtype, device=device)
         init_melora_factors(A, B, zero_B=init_weights)
         self.melora_A[adapter_name] = nn.Parameter(A)
         self.melora_B[adapter_name] = nn.Parameter(B)
@@ -88,7 +131,7 @@ class MELoRALayer(BaseTunerLayer):
 
 
 class Linear(nn.Module, MELoRALayer):
-    """MELoRA around a ``torch.nn.Linear`` or transformers ``Conv1D`` (``fan_in_fan_out=True``).
+    """MELoRA around a ``torch.nn.Linear``, transformers ``Conv1D`` (``fan_in_fan_out=True``) or a quantized Linear.
 
     ``y = base(x) + (alpha / r) * concat_i(B_i A_i dropout(x)_i)`` for input x of shape (..., in_features);
     equivalently ``y = x @ (W + dW).T + bias`` with ``dW = (alpha / r) * blockdiag(B_1 A_1, ..., B_n A_n)``.
@@ -120,35 +163,71 @@ class Linear(nn.Module, MELoRALayer):
         delta = melora_delta_weight(A, B, self.scaling[adapter])  # (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
+    def _check_mergeable(self, action: str) -> None:
+        """Raise before touching any weight if the quantized base layer cannot be dequantised and requantised."""
+        backend = self.quantization_backend
+        if backend is None or backend.supports_merge:
+            return
+        raise TypeError(
+            f"Cannot {action} MELoRA into {self.module_name or type(self.get_base_layer()).__name__}: its base "
+            f"layer is quantized with {backend.backend_name}, which cannot requantise a merged weight. Keep the "
+            "adapter unmerged (it works as is), export it with melora.export_lora and merge into an "
+            "unquantized copy of the base model, or load the base through transformers' quantization_config "
+            "(e.g. TorchAoConfig) so that PEFT knows how to requantise it."
+        )
+
+    def _warn_rounding(self, action: str) -> None:
+        if self.quantization_backend is not None:  # one warning per backend, not one per layer
+            warnings.warn(
+                f"{action} MELoRA into {self.quantization_backend.backend_name} layers requantises their weights: "
+                "outputs differ from the unmerged model by the rounding error of one more quantisation.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add the active (or given) adapters' dW to the base weight; computed in fp32, cast back."""
+        """Add the active (or given) adapters' dW to the base weight in fp32, then cast back.
+
+        A quantized base weight is dequantised first and requantised after (so it carries the rounding error of
+        one more quantisation); a backend that cannot requantise raises before anything changes.
+        """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        base_weight = self.get_base_layer().weight
+        self._check_mergeable("merge")
+        self._warn_rounding("Merging")
         for adapter in adapter_names:
             if adapter not in self.melora_A:
                 continue
-            merged = base_weight.data.float() + self.get_delta_weight(adapter)
+            weight = self.get_base_weight()  # (out, in) or (in, out); dequantised if quantized
+            merged = weight.float() + self.get_delta_weight(adapter)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"Safe merge of adapter {adapter!r} into {self.module_name} would give NaN/Inf weights; the "
                     "adapter is broken (check its training for divergence). Nothing was merged into this layer."
                 )
-            base_weight.data = merged.to(base_weight.dtype)
+            self.set_base_weight(merged.to(weight.dtype))  # requantised if quantized
             self.merged_adapters.append(adapter)
 
     def unmerge(self) -> None:
-        """Subtract every merged adapter's dW from the base weight (fp32 arithmetic)."""
+        """Subtract every merged adapter's dW from the base weight (fp32 arithmetic; requantised if quantized)."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
-        base_weight = self.get_base_layer().weight
+        self._check_mergeable("unmerge")
+        self._warn_rounding("Unmerging")
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
             if adapter in self.melora_A:
-                restored = base_weight.data.float() - self.get_delta_weight(adapter)
-                base_weight.data = restored.to(base_weight.dtype)
+                weight = self.get_base_weight()
+                restored = weight.float() - self.get_delta_weight(adapter)
+                self.set_base_weight(restored.to(weight.dtype))
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:  # bnb 4-bit: backprop needs a copy of the kernel's output
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        return result
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) contribution of one adapter, in the adapter's dtype."""
@@ -164,7 +243,7 @@ class Linear(nn.Module, MELoRALayer):
                 f"{len(adapter_names)} and {x.shape[0]} respectively. {self.module_name}: got "
                 f"{len(adapter_names)} adapter_names for a batch of {x.shape[0]} rows; pass one name per row."
             )
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         for adapter in set(adapter_names):
             if adapter == BASE_ADAPTER_NAME or adapter not in self.melora_A:
                 continue
@@ -187,13 +266,16 @@ class Linear(nn.Module, MELoRALayer):
                     "mixed-adapter batch."
                 )
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         if self.merged:
             return result
         for adapter in self.active_adapters:
             if adapter in self.melora_A:
                 result = result + self._adapter_output(x, adapter).to(result.dtype)
         return result
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)
 
     def __repr__(self) -> str:
         return "melora." + super().__repr__()

@@ -10,12 +10,12 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from melora.tuner.config import MELoRAConfig
-from melora.tuner.layer import BASE_ADAPTER_NAME, Linear, MELoRALayer, _features
+from melora.tuner.layer import BASE_ADAPTER_NAME, Linear, MELoRALayer, _features, quantization_backend
 
 # Same defaults as PEFT's LoRA: BERT/RoBERTa query,value; Llama/Mistral/Qwen/Gemma q_proj,v_proj; GPT-2 c_attn.
 TRANSFORMERS_MODELS_TO_MELORA_TARGET_MODULES_MAPPING = dict(
@@ -58,6 +58,8 @@ class MELoRAModel(BaseTuner):
         if isinstance(target, Linear):
             target.update_layer(adapter_name, **layer_kwargs)
             return
+        # torchao: the callable that requantises a merged weight (from transformers' TorchAoConfig)
+        layer_kwargs.update(get_quantization_kwargs(self))
         new_module = self._create_new_module(config, adapter_name, target, current_key, **layer_kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained by default
@@ -163,9 +165,13 @@ class MELoRAModel(BaseTuner):
         config: MELoRAConfig, adapter_name: str, target: torch.nn.Module, module_name: str, **kwargs: Any
     ) -> Linear:
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, torch.nn.Linear):
+        backend = quantization_backend(base)
+        if isinstance(base, torch.nn.Linear) or (backend is not None and backend.layer_type == "linear"):
             if config.fan_in_fan_out:
-                warnings.warn(f"{module_name} is nn.Linear: setting fan_in_fan_out=False.", stacklevel=2)
+                warnings.warn(
+                    f"{module_name} is a linear layer ({type(base).__name__}): setting fan_in_fan_out=False.",
+                    stacklevel=2,
+                )
                 config.fan_in_fan_out = False
         elif isinstance(base, Conv1D):
             if not config.fan_in_fan_out:
@@ -173,8 +179,9 @@ class MELoRAModel(BaseTuner):
                 config.fan_in_fan_out = True
         else:
             raise TypeError(
-                f"MELoRA cannot adapt {module_name} of type {type(base).__name__}: only torch.nn.Linear and "
-                "transformers' Conv1D are supported. Remove it from target_modules."
+                f"MELoRA cannot adapt {module_name} of type {type(base).__name__}: only torch.nn.Linear, "
+                "transformers' Conv1D and their quantized versions (bitsandbytes, torchao, HQQ) are supported. "
+                "Remove it from target_modules."
             )
         return Linear(
             target, adapter_name, module_name=module_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs
