@@ -121,6 +121,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
     from transformers import Trainer, set_seed
 
     from melora.accounting import parameter_counts
+    from melora.finetune.sharding import check_sharding_active, gathered_state_dict
     from melora.finetune.training import (
         StopAfterSteps,
         last_complete_checkpoint,
@@ -178,6 +179,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
     )
+    check_sharding_active(trainer)
     checkpoint = last_complete_checkpoint(checkpoints) if train.resume else None
     if train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from scratch", checkpoints)
@@ -225,8 +227,9 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
             "total_params": params["total_params"],
         },
     )
+    state_dict = gathered_state_dict(trainer)  # every rank: under FSDP / ZeRO-3 the full tensors
     if trainer.is_world_process_zero():
-        save_final(model, tokenizer, save_dir)
+        save_final(model, tokenizer, save_dir, state_dict)
         record.write(output_dir)
     return record.to_dict()
 
