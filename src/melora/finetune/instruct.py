@@ -111,6 +111,15 @@ def _loss_curve(log_history: list[dict[str, Any]]) -> list[dict[str, float]]:
     ]
 
 
+def _base_loss_after_training(trainer, model, method: str) -> float | None:
+    """Held-out loss of the base model, measured with the adapter switched off (None for full fine-tuning)."""
+    if method == "full":
+        logger.warning("the base model's held-out loss is not measured under FSDP with --method full")
+        return None
+    with model.disable_adapter():
+        return trainer.evaluate()["eval_loss"]
+
+
 def run_instruct(run: InstructRun) -> dict[str, Any]:
     """Train one model on instruction data and write the adapter + ``results.json``; return the results.
 
@@ -183,14 +192,17 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
     checkpoint = last_complete_checkpoint(checkpoints) if train.resume else None
     if train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from scratch", checkpoints)
-    heldout_base = None
-    if val_features and args.eval_base:
-        heldout_base = trainer.evaluate()["eval_loss"]
+    # FSDP2 cannot evaluate before training (accelerate prepares model and optimizer together:
+    # transformers#39961): the base loss is then measured after training with the adapter disabled.
+    base_first = bool(val_features and args.eval_base) and not trainer.is_fsdp_enabled
+    heldout_base = trainer.evaluate()["eval_loss"] if base_first else None
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     if train.stop_after_steps and state.global_step < state.max_steps:
         return {"stopped_at_step": state.global_step, "checkpoint": last_complete_checkpoint(checkpoints)}
     heldout = trainer.evaluate()["eval_loss"] if val_features else None
+    if val_features and args.eval_base and not base_first:
+        heldout_base = _base_loss_after_training(trainer, model, adapter.method)
     save_dir = output_dir / ("model" if adapter.method == "full" else "adapter")
 
     curve = _loss_curve(state.log_history)
@@ -251,9 +263,12 @@ def format_result(results: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from melora.args import load_preset
+    from melora.finetune.training import is_main_process
 
     run = InstructRun.from_options(vars(args), load_preset(args.config), args.config)
     results = run_instruct(run)
+    if not is_main_process():  # under accelerate launch / torchrun: the summary once
+        return 0
     if "stopped_at_step" in results:
         print(f"stopped at step {results['stopped_at_step']}; rerun with --resume to continue")
         return 0
