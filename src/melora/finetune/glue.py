@@ -214,7 +214,7 @@ def build_trainer(run: GlueRun):
         callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
     )
     # Sequence classifiers take **kwargs, so Trainer passes num_items_in_batch and, with
-    # average_tokens_across_devices (on by default since transformers 4.54), multiplies the loss by the
+    # average_tokens_across_devices (on by default, transformers#39395), multiplies the loss by the
     # world size; their loss is a batch mean that ignores it, so each rank's loss and gradient came out
     # world_size x too large (gradient clipping then differs from one process). Treat it as the plain mean.
     trainer.model_accepts_loss_kwargs = False
