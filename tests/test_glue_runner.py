@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from melora.args import UserError, load_preset
 from melora.finetune.glue import GlueRun, add_parser, epoch_metrics, format_result, run_glue, summarize
@@ -303,6 +304,25 @@ def test_modules_to_save_adds_the_pooler_to_the_trained_head(tiny, tmp_path):
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("pooler" in key for key in weights) and any("classifier" in key for key in weights)
     assert results["trainable_params"] == 512 + (64 * 64 + 64) + (64 * 2 + 2)  # MELoRA + pooler + classifier
+
+
+def test_gradient_accumulation_averages_the_classifier_loss(tmp_path):
+    """Batch 2 x grad-accum 2 trains the adapter of batch 4: Trainer must not sum the micro-batch means.
+
+    (A sequence classifier takes **kwargs, so Trainer treated its batch-mean loss as already normalized by
+    num_items_in_batch: it skipped the division by grad-accum and, under DDP/FSDP, multiplied by world size.)
+    """
+    from safetensors.torch import load_file
+
+    tiny = write_tiny_glue(tmp_path / "tiny", dropout=0.0)
+    options = {"dropout": 0.0, "group_by_length": False, "epochs": 1}
+    run_glue(tiny_config(tiny, tmp_path / "b4", batch_size=4, **options))
+    run_glue(tiny_config(tiny, tmp_path / "b2x2", batch_size=2, grad_accum=2, **options))
+    one, accumulated = (
+        load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("b4", "b2x2")
+    )
+    for key in one:
+        torch.testing.assert_close(accumulated[key], one[key], rtol=0, atol=1e-5, msg=key)
 
 
 def test_results_record_the_options_as_given(tiny, tmp_path):

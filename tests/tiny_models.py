@@ -94,8 +94,12 @@ def model_output(model, inputs) -> torch.Tensor:
 GLUE_WORDS = "the a cat dog sat ran on mat yes no is was big small red blue here there".split()
 
 
-def write_tiny_glue(root, hidden: int = 64, layers: int = 2, counts=(("train", 48), ("dev", 20))) -> dict:
+def write_tiny_glue(
+    root, hidden: int = 64, layers: int = 2, counts=(("train", 48), ("dev", 20)), dropout: float = 0.1
+) -> dict:
     """A tiny BERT classifier with its own WordPiece vocab, and RTE-layout TSVs (label: 'yes' in sentence2).
+
+    ``dropout=0`` makes training deterministic across process counts (the distributed tests).
 
     Returns ``{"model": folder, "data_dir": folder}`` for the GLUE runner.
     """
@@ -112,7 +116,8 @@ def write_tiny_glue(root, hidden: int = 64, layers: int = 2, counts=(("train", 4
     BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(GLUE_WORDS) + 5, hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64)  # fmt: skip
+                        num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(model_dir)
     rng = random.Random(0)
     for split, count in counts:

@@ -213,6 +213,11 @@ def build_trainer(run: GlueRun):
         compute_metrics=compute_metrics,
         callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
     )
+    # Sequence classifiers take **kwargs, so Trainer passes num_items_in_batch and, with
+    # average_tokens_across_devices (on by default, transformers#39395), multiplies the loss by the
+    # world size; their loss is a batch mean that ignores it, so each rank's loss and gradient came out
+    # world_size x too large (gradient clipping then differs from one process). Treat it as the plain mean.
+    trainer.model_accepts_loss_kwargs = False
     return trainer, model, data, tokenizer
 
 
@@ -226,6 +231,7 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
     from melora.accounting import parameter_counts
     from melora.data.glue import get_task
     from melora.eval.glue_metrics import trivial_baseline
+    from melora.finetune.sharding import check_sharding_active, gathered_state_dict
     from melora.finetune.training import last_complete_checkpoint, save_final, trainable_checksum
     from melora.provenance import provenance
     from melora.records import RunRecord
@@ -236,6 +242,7 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
     task = get_task(run.glue.task)
     out = Path(run.train.output_dir)
     trainer, model, data, tokenizer = build_trainer(run)
+    check_sharding_active(trainer)
     checkpoint = last_complete_checkpoint(out) if run.train.resume else None
     if run.train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint-* folder in %s; starting from scratch", out)
@@ -282,9 +289,10 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
             "total_params": counts["total_params"],
         },
     )
+    state_dict = gathered_state_dict(trainer) if run.glue.save_model else None  # every rank
     if trainer.is_world_process_zero():
         if run.glue.save_model:
-            save_final(model, tokenizer, out / "adapter")
+            save_final(model, tokenizer, out / "adapter", state_dict)
         record.write(out)
     return record.to_dict()
 

@@ -169,6 +169,15 @@ def _quantized_base(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
+def _base_loss_after_training(trainer, model, method: str) -> float | None:
+    """Held-out loss of the base model, measured with the adapter switched off (None for full fine-tuning)."""
+    if method == "full":
+        logger.warning("the base model's held-out loss is not measured under FSDP with --method full")
+        return None
+    with model.disable_adapter():
+        return trainer.evaluate()["eval_loss"]
+
+
 def run_instruct(run: InstructRun) -> dict[str, Any]:
     """Train one model on instruction data and write the adapter + ``results.json``; return the results.
 
@@ -179,6 +188,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
     from transformers import Trainer, set_seed
 
     from melora.accounting import parameter_counts
+    from melora.finetune.sharding import check_sharding_active, gathered_state_dict
     from melora.finetune.training import (
         StopAfterSteps,
         last_complete_checkpoint,
@@ -235,17 +245,21 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
     )
+    check_sharding_active(trainer)
     checkpoint = last_complete_checkpoint(checkpoints) if train.resume else None
     if train.resume and checkpoint is None:
         logger.warning("--resume: no complete checkpoint in %s; starting from scratch", checkpoints)
-    heldout_base = None
-    if val_features and args.eval_base:
-        heldout_base = trainer.evaluate()["eval_loss"]
+    # FSDP2 cannot evaluate before training (accelerate prepares model and optimizer together:
+    # transformers#39961): the base loss is then measured after training with the adapter disabled.
+    base_first = bool(val_features and args.eval_base) and not trainer.is_fsdp_enabled
+    heldout_base = trainer.evaluate()["eval_loss"] if base_first else None
     train_output = trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     if train.stop_after_steps and state.global_step < state.max_steps:
         return {"stopped_at_step": state.global_step, "checkpoint": last_complete_checkpoint(checkpoints)}
     heldout = trainer.evaluate()["eval_loss"] if val_features else None
+    if val_features and args.eval_base and not base_first:
+        heldout_base = _base_loss_after_training(trainer, model, adapter.method)
     save_dir = output_dir / ("model" if adapter.method == "full" else "adapter")
 
     curve = _loss_curve(state.log_history)
@@ -284,8 +298,9 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
             "total_params": params["total_params"],
         },
     )
+    state_dict = gathered_state_dict(trainer)  # every rank: under FSDP / ZeRO-3 the full tensors
     if trainer.is_world_process_zero():
-        save_final(model, tokenizer, save_dir)
+        save_final(model, tokenizer, save_dir, state_dict)
         record.write(output_dir)
     return record.to_dict()
 
@@ -307,9 +322,12 @@ def format_result(results: dict[str, Any]) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from melora.args import load_preset
+    from melora.finetune.training import is_main_process
 
     run = InstructRun.from_options(vars(args), load_preset(args.config), args.config)
     results = run_instruct(run)
+    if not is_main_process():  # under accelerate launch / torchrun: the summary once
+        return 0
     if "stopped_at_step" in results:
         print(f"stopped at step {results['stopped_at_step']}; rerun with --resume to continue")
         return 0

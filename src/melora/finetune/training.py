@@ -3,7 +3,8 @@
 - :func:`training_arguments`: ``TrainArgs`` -> ``TrainingArguments`` (CPU gives gloo DDP under torchrun);
 - :func:`last_complete_checkpoint`: the newest ``checkpoint-*`` folder that a kill did not cut short;
 - :class:`StopAfterSteps`: checkpoint and stop at a step (an interruption, to test ``--resume``);
-- :func:`save_final`: the adapter (or full model) and tokenizer, written atomically into one folder.
+- :func:`save_final`: the adapter (or full model) and tokenizer, written atomically into one folder
+  (under FSDP / ZeRO-3 from the state dict that :mod:`melora.finetune.sharding` gathered).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ logger = logging.getLogger(__name__)
 # Files Trainer writes last into a checkpoint: with them present the checkpoint is whole.
 _CHECKPOINT_STATE = "trainer_state.json"
 _CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+# FSDP with SHARDED_STATE_DICT writes each rank's shards into this folder (transformers' FSDP_MODEL_NAME).
+_FSDP_SHARDS = "pytorch_model_fsdp_0"
 
 
 def training_arguments(train: TrainArgs, output_dir: str | os.PathLike, **overrides: Any):
@@ -74,8 +77,8 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
         (p for p in folder.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True
     )
     for path in candidates:
-        whole = (path / _CHECKPOINT_STATE).is_file() and any(
-            (path / w).is_file() for w in _CHECKPOINT_WEIGHTS
+        whole = (path / _CHECKPOINT_STATE).is_file() and (
+            any((path / w).is_file() for w in _CHECKPOINT_WEIGHTS) or (path / _FSDP_SHARDS).is_dir()
         )
         if whole:
             return str(path)
@@ -102,20 +105,36 @@ class StopAfterSteps(TrainerCallback):
         return control
 
 
-def save_final(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike) -> Path:
-    """The adapter (PeftModel) or the whole model, with the tokenizer, written atomically to ``folder``."""
+def save_final(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    folder: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """The adapter (PeftModel) or the whole model, with the tokenizer, written atomically to ``folder``.
+
+    ``state_dict``: the gathered full state dict of a sharded model (``sharding.gathered_state_dict``);
+    without it the model's own (unsharded) tensors are saved.
+    """
     from melora.io import atomic_directory
 
     with atomic_directory(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(folder)
 
 
 def trainable_checksum(model: torch.nn.Module) -> float:
-    """Sum of |w| over trainable weights (distributed ranks and resumed runs must agree)."""
-    return sum(float(p.detach().double().abs().sum()) for p in model.parameters() if p.requires_grad)
+    """Sum of |w| over trainable weights (distributed ranks and resumed runs must agree).
+
+    Under FSDP2 each weight is gathered first, so every rank must call this.
+    """
+    from melora.finetune.sharding import full_tensor
+
+    return sum(
+        float(full_tensor(p.detach()).double().abs().sum()) for p in model.parameters() if p.requires_grad
+    )
 
 
 def is_main_process() -> bool:
