@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ from melora.bench import (
     render_plot,
     run_experiment,
 )
+from melora.bench.analysis import evaluate_targets
 from melora.bench.config import experiment_from_dict, gralora_for
 from melora.bench.configurations import SingleLinear, attach_adapter
 from melora.bench.harness import KINDS
@@ -163,3 +165,82 @@ def test_quick_command_writes_json_table_and_plot(tmp_path: Path) -> None:
     assert all(row["memory"]["peak_mb"] > 0 for row in results["cases"][0]["rows"])
     assert "| loop r=1 n=8 |" in (tmp_path / "out" / "quick-quick.md").read_text()
     assert (tmp_path / "fig" / "bench_quick-quick.png").stat().st_size > 0
+
+
+def _row(spec: MethodSpec, train: list[float]) -> dict:
+    times = {"train": train, "forward": [1.0] * len(train), "forward_merged": [1.0] * len(train)}
+    return {"label": spec.label, "method": dataclasses.asdict(spec), "times_s": times}
+
+
+def test_compile_measures_every_configuration_twice_and_checks_compiled_against_eager() -> None:
+    experiment = Experiment(
+        name="t", level="layer", shapes=[LayerShape(64, 8)], melora=[(1, 2), (1, 4), (1, 8)],
+        baselines=("lora_same_params", "base"), compile=True,
+    )  # fmt: skip
+    labels = [spec.label for spec in experiment.methods()]
+    eager = ["base", "melora r=1 n=2", "lora r=1", "melora r=1 n=4", "melora r=1 n=8"]
+    assert labels == eager + [f"{label} +compile" for label in eager]
+    # synthetic times (3 repeats): compiled MELoRA n=8 is 1.2x compiled LoRA(1), eager MELoRA n=8 is 1.1x
+    t = {"base": [1.0, 2.0, 1.0], "lora": [2.0, 4.0, 2.0]}
+    rows = [_row(MethodSpec("base"), t["base"]), _row(MethodSpec("lora", r=1), t["lora"])]
+    rows += [_row(MethodSpec("melora", r=1, n=n), [2.0 * (1 + n / 80)] * 3) for n in (2, 4, 8)]
+    rows += [_row(MethodSpec("base", compiled=True), t["base"])]
+    rows += [_row(MethodSpec("lora", r=1, compiled=True), t["lora"])]
+    rows += [_row(MethodSpec("melora", r=1, n=n, compiled=True), [2.4, 4.8, 2.4]) for n in (2, 4, 8)]
+    checks = {(c["melora"], c["check"]): c for c in evaluate_targets([{"case": "c", "rows": rows}])}
+    # eager MELoRA n=8: 2.2 every repeat, LoRA(1): 2, 4, 2 -> per-repeat ratios 1.1, 0.55, 1.1, median 1.1
+    assert checks[("melora r=1 n=8", "train_vs_lora_same_params")]["value"] == pytest.approx(1.1)
+    compiled = checks[("melora r=1 n=8 +compile", "compiled_train_vs_lora_same_params_vs_eager")]
+    assert compiled["value"] == pytest.approx(1.2) and compiled["eager"] == pytest.approx(1.1)
+    assert compiled["met"] is False  # compiling made MELoRA relatively slower here
+    # flat in n, paired: n=8 / n=2 = (1 + 8/80) / (1 + 2/80)
+    flat = checks[("melora r=1 n=8 / n=2", "largest_n_over_smallest")]
+    assert flat["value"] == pytest.approx(1.1 / 1.025) and flat["met"] is True
+    assert checks[("melora r=1 n=8 / n=2 +compile", "largest_n_over_smallest")]["value"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="compile: true is for the layer and e2e levels"):
+        Experiment(
+            name="t",
+            level="kernel",
+            shapes=[LayerShape(8, 8)],
+            melora=[(1, 2)],
+            variants=("bmm",),
+            compile=True,
+        )
+
+
+def test_non_square_layer_shapes_and_the_quick_caps() -> None:
+    experiment = experiment_from_dict(
+        {
+            "name": "rect",
+            "level": "layer",
+            "shapes": [{"d": [4096], "d_out": [11008], "tokens": [4096]}],
+            "melora": [{"r": 1, "n": 8}],
+            "baselines": ["lora_same_params"],
+        }
+    )
+    assert experiment.shapes == [LayerShape(4096, 4096, 11008)]
+    assert experiment.shapes[0].label == "layer 4096x11008 T=4096"
+    quick = experiment.quick().shapes[0]
+    assert (quick.d, quick.out_features, quick.tokens) == (256, 512, 128)
+    from melora.bench.configurations import layer_workload
+
+    quick_experiment = experiment.quick()
+    workload = layer_workload(quick_experiment, quick, MethodSpec("melora", r=1, n=8), torch.device("cpu"))
+    layer = workload.model.base_model.model.proj
+    assert (layer.in_features, layer.out_features) == (256, 512)
+    assert layer.melora_B["default"].shape == (8, 512 // 8, 1)
+    workload.train_step()  # (T, 256) -> (T, 512) with a (T, 512) output gradient
+    assert quick_experiment.name == "rect-quick"
+
+
+def test_random_models_keep_their_widths_and_reject_unknown_names() -> None:
+    from melora.bench.configurations import SMOLLM2_135M, random_model
+
+    case = ModelCase("smollm2-random", batch=8, seq_len=512, target_modules=("q_proj",))
+    quick = Experiment(name="q", level="e2e", models=[case], melora=[(1, 8)]).quick().models[0]
+    assert (quick.batch, quick.seq_len, quick.layers) == (2, 32, 2)
+    model = random_model("smollm2-random", layers=quick.layers)
+    assert model.config.hidden_size == SMOLLM2_135M["hidden_size"] and model.config.num_hidden_layers == 2
+    assert model.model.layers[0].self_attn.v_proj.weight.shape == (192, 576)  # GQA: 3 kv heads x 64
+    with pytest.raises(ValueError, match="the random models are"):
+        random_model("gpt-random")

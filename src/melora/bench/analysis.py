@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 from typing import Any
 
 from melora.bench.config import MethodSpec, gralora_for
@@ -38,11 +39,16 @@ def _check(case: str, melora: str, name: str, value: float, target: str, met: bo
 
 
 def _pair_checks(case: str, rows: dict[str, dict], spec: MethodSpec) -> list[dict[str, Any]]:
+    """MELoRA ``spec`` against its baselines measured in the same mode (eager, or compiled)."""
     train = {label: row["times_s"]["train"] for label, row in rows.items()}
     label = spec.label
     out = []
-    same_params, same_rank = f"lora r={spec.r}", f"lora r={spec.n * spec.r}"
-    loop, gralora = f"loop r={spec.r} n={spec.n}", gralora_for(spec.r, spec.n).label
+    mode = {"compiled": spec.compiled}
+    same_params = MethodSpec("lora", r=spec.r, **mode).label
+    same_rank = MethodSpec("lora", r=spec.n * spec.r, **mode).label
+    loop = MethodSpec("loop", r=spec.r, n=spec.n, **mode).label
+    gralora = replace(gralora_for(spec.r, spec.n), **mode).label
+    base_label = MethodSpec("base", **mode).label
     for other, name, limit in (
         (same_params, "train_vs_lora_same_params", 1.05),
         (same_rank, "train_vs_lora_same_rank", 1.0),
@@ -53,8 +59,8 @@ def _pair_checks(case: str, rows: dict[str, dict], spec: MethodSpec) -> list[dic
     if gralora in train:
         value = paired_ratio(train[label], train[gralora])
         out.append(_check(case, label, "train_vs_gralora", value, "report", True, against=gralora))
-    if "base" in train:
-        base = train["base"]
+    if base_label in train:
+        base = train[base_label]
         overhead = paired_overhead(train[label], base)
         if same_params in train:
             lora_overhead = paired_overhead(train[same_params], base)
@@ -74,7 +80,9 @@ def _pair_checks(case: str, rows: dict[str, dict], spec: MethodSpec) -> list[dic
                     case, label, "loop_adapter_vs_melora_adapter", value, target, spec.n != 8 or value >= 1.5
                 )
             )
-        merged = paired_ratio(rows[label]["times_s"]["forward_merged"], rows["base"]["times_s"]["forward"])
+        merged = paired_ratio(
+            rows[label]["times_s"]["forward_merged"], rows[base_label]["times_s"]["forward"]
+        )
         out.append(_check(case, label, "merged_forward_vs_base", merged, "<= 1.02", merged <= 1.02))
     memory = {lab: row["memory"]["peak_mb"] for lab, row in rows.items() if "memory" in row}
     if label in memory and same_rank in memory:
@@ -88,21 +96,57 @@ def _pair_checks(case: str, rows: dict[str, dict], spec: MethodSpec) -> list[dic
 
 
 def _flat_checks(case: str, rows: dict[str, dict]) -> list[dict[str, Any]]:
-    """Per r, the slowest over the fastest MELoRA training step across n (needs >= 3 values of n)."""
-    by_r: dict[int, list[str]] = {}
+    """Per r (and mode), the slowest over the fastest MELoRA training step across n (needs >= 3 values of
+    n), and the largest n over the smallest (n=32 / n=2 in the layer experiment), both paired per repeat."""
+    by_r: dict[tuple[int, bool], list[str]] = {}
     for label, row in rows.items():
         if row["method"]["name"] == "melora" and not row["method"].get("impl"):
-            by_r.setdefault(row["method"]["r"], []).append(label)
+            by_r.setdefault((row["method"]["r"], row["method"].get("compiled", False)), []).append(label)
     out = []
-    for r, labels in sorted(by_r.items()):
+    for (r, compiled), labels in sorted(by_r.items()):
         if len(labels) < 3:
             continue
+        suffix = " +compile" if compiled else ""
+        ns = {label: rows[label]["method"]["n"] for label in labels}
         medians = {label: statistics.median(rows[label]["times_s"]["train"]) for label in labels}
         value = max(medians.values()) / min(medians.values())
         out.append(
             _check(
-                case, f"melora r={r} n={{{','.join(str(rows[x]['method']['n']) for x in labels)}}}",
+                case, f"melora r={r} n={{{','.join(str(ns[x]) for x in labels)}}}{suffix}",
                 "flat_in_n_max_over_min", value, f"<= {FLAT_IN_N_LIMIT}", value <= FLAT_IN_N_LIMIT,
+            )
+        )  # fmt: skip
+        largest, smallest = max(labels, key=ns.get), min(labels, key=ns.get)
+        value = paired_ratio(rows[largest]["times_s"]["train"], rows[smallest]["times_s"]["train"])
+        out.append(
+            _check(
+                case, f"melora r={r} n={ns[largest]} / n={ns[smallest]}{suffix}", "largest_n_over_smallest",
+                value, f"<= {FLAT_IN_N_LIMIT}", value <= FLAT_IN_N_LIMIT,
+            )
+        )  # fmt: skip
+    return out
+
+
+def _compile_checks(case: str, targets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each compiled ratio against its eager counterpart: compiling must not make MELoRA relatively worse."""
+    eager = {
+        (t["melora"], t["check"]): t["value"]
+        for t in targets
+        if t["case"] == case and not t["melora"].endswith(" +compile")
+    }
+    out = []
+    for t in targets:
+        if t["case"] != case or not t["melora"].endswith(" +compile"):
+            continue
+        if t["check"] not in ("train_vs_lora_same_params", "train_vs_lora_same_rank", "train_vs_gralora"):
+            continue
+        reference = eager.get((t["melora"].removesuffix(" +compile"), t["check"]))
+        if reference is None:
+            continue
+        out.append(
+            _check(
+                case, t["melora"], f"compiled_{t['check']}_vs_eager", t["value"],
+                f"<= eager {reference:.3f}", t["value"] <= reference, eager=reference,
             )
         )  # fmt: skip
     return out
@@ -117,6 +161,7 @@ def evaluate_targets(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if row["method"]["name"] == "melora":
                 checks += _pair_checks(case["case"], rows, MethodSpec(**row["method"]))
         checks += _flat_checks(case["case"], rows)
+        checks += _compile_checks(case["case"], checks)
     return checks
 
 

@@ -6,15 +6,19 @@ An experiment file (YAML) looks like::
     name: layer
     level: layer                   # "layer": one adapted Linear; "e2e": a whole model
     shapes: {d: [768, 2048], tokens: [512, 2048]}   # layer level: grid of d_in = d_out and tokens
+                                   # (add d_out: [...] for d_in -> d_out layers, e.g. 4096 -> 11008)
     models: [{model: minilm, batch: 16, seq_len: 128, target_modules: [query, value]}]  # e2e level
     melora: [{r: [1], n: [1, 2, 4, 8, 16, 32]}, {r: [8], n: [8]}]   # grids of MELoRA (r, n)
     baselines: [lora_same_params, lora_same_rank, gralora, loop, base]
     repeats: 5
     warmup: 1
+    compile: false                 # true: every configuration also under torch.compile, in the same run
 
 Every MELoRA (r, n) brings its baselines: LoRA(r) (same parameters), LoRA(n*r) (same rank), GraLoRA with
 k = n (see :func:`gralora_for`), the per-block loop (same weights layout as the authors' code) and the
-frozen base. Configurations shared by several pairs (LoRA(r), base) are measured once.
+frozen base. Configurations shared by several pairs (LoRA(r), base) are measured once. With ``compile``
+each configuration is measured twice in the same interleaved run, eager and ``torch.compile``d (label
+suffix " +compile"), so compiled and eager ratios are paired like every other ratio.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ KNOWN_MODEL_TASKS = {
     "tiny-bert": "seq_cls",
     "smollm2": "causal_lm",
     "tiny-llama": "causal_lm",
+    "smollm2-random": "causal_lm",
 }
 
 
@@ -39,13 +44,14 @@ KNOWN_MODEL_TASKS = {
 class MethodSpec:
     """One configuration: ``name`` in METHOD_NAMES; ``r`` its rank (total rank for LoRA/GraLoRA); ``n``
     mini LoRAs (MELoRA, loop); ``k`` GraLoRA's grid size; ``impl`` a MELoRA forward variant (kernel level
-    only, see :mod:`melora.bench.kernels`)."""
+    only, see :mod:`melora.bench.kernels`); ``compiled``: the model runs under ``torch.compile``."""
 
     name: str
     r: int = 0
     n: int = 1
     k: int = 1
     impl: str = ""
+    compiled: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in METHOD_NAMES:
@@ -63,14 +69,15 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
+        suffix = " +compile" if self.compiled else ""
         if self.name == "base":
-            return "base"
+            return "base" + suffix
         if self.name in ("melora", "loop"):
             impl = f"[{self.impl}]" if self.impl else ""
-            return f"{self.name}{impl} r={self.r} n={self.n}"
+            return f"{self.name}{impl} r={self.r} n={self.n}{suffix}"
         if self.name == "gralora":
-            return f"gralora r={self.r} k={self.k}"
-        return f"lora r={self.r}"
+            return f"gralora r={self.r} k={self.k}{suffix}"
+        return f"lora r={self.r}{suffix}"
 
     @property
     def equivalent_rank(self) -> int | None:
@@ -94,20 +101,27 @@ def gralora_for(r: int, n: int) -> MethodSpec:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """One Linear layer d -> d applied to ``tokens`` rows."""
+    """One Linear layer d -> d_out (default d_out = d) applied to ``tokens`` rows."""
 
     d: int
     tokens: int
+    d_out: int | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.d if self.d_out is None else self.d_out
 
     @property
     def label(self) -> str:
-        return f"layer d={self.d} T={self.tokens}"
+        if self.out_features == self.d:
+            return f"layer d={self.d} T={self.tokens}"
+        return f"layer {self.d}x{self.out_features} T={self.tokens}"
 
 
 @dataclass(frozen=True)
 class ModelCase:
-    """A real (``minilm``, ``smollm2``, a hub id or folder) or tiny random (``tiny-bert``, ``tiny-llama``)
-    model, run at ``batch`` x ``seq_len`` tokens with adapters on ``target_modules``. ``task`` is
+    """A real (``minilm``, ``smollm2``, a hub id or folder) or random (``tiny-bert``, ``tiny-llama``;
+    ``smollm2-random``: SmolLM2-135M's architecture with random weights, no download) model, run at ``batch`` x ``seq_len`` tokens with adapters on ``target_modules``. ``task`` is
     "seq_cls" or "causal_lm"; it may be omitted for the four names above."""
 
     model: str
@@ -115,6 +129,7 @@ class ModelCase:
     seq_len: int
     target_modules: tuple[str, ...]
     task: str | None = None
+    layers: int | None = None  # random models only: keep the widths, use this many layers (smoke runs)
 
     def __post_init__(self) -> None:
         if self.task is None:
@@ -150,6 +165,7 @@ class Experiment:
     seed: int = 0
     device: str = "auto"
     dtype: str = "float32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -180,6 +196,8 @@ class Experiment:
             problems.append(f"dtype={self.dtype!r}: choose float32, bfloat16 or float16.")
         if self.device not in ("auto", "cpu", "cuda"):
             problems.append(f"device={self.device!r}: choose auto, cpu or cuda.")
+        if self.compile and self.level == "kernel":
+            problems.append("compile: true is for the layer and e2e levels, not the kernel level.")
         if problems:
             raise ValueError(f"Invalid benchmark experiment {self.name!r}:\n  - " + "\n  - ".join(problems))
 
@@ -203,15 +221,34 @@ class Experiment:
                 specs.append(gralora_for(r, n))
             if "loop" in self.baselines:
                 specs.append(MethodSpec("loop", r=r, n=n))
-        return list(dict.fromkeys(specs))
+        specs = list(dict.fromkeys(specs))
+        if self.compile:
+            specs += [replace(spec, compiled=True) for spec in specs]
+        return specs
 
     def cases(self) -> list[LayerShape] | list[ModelCase]:
         return self.models if self.level == "e2e" else self.shapes
 
     def quick(self) -> Experiment:
         """A smoke-test version: first case only, small sizes, 2 repeats, no calibration loops."""
-        shapes = [replace(s, d=min(s.d, 256), tokens=min(s.tokens, 128)) for s in self.shapes[:1]]
-        models = [replace(m, batch=min(m.batch, 2), seq_len=min(m.seq_len, 32)) for m in self.models[:1]]
+        shapes = [
+            replace(
+                s,
+                d=min(s.d, 256),
+                d_out=None if s.d_out is None else min(s.d_out, 512),
+                tokens=min(s.tokens, 128),
+            )
+            for s in self.shapes[:1]
+        ]
+        models = [
+            replace(
+                m,
+                batch=min(m.batch, 2),
+                seq_len=min(m.seq_len, 32),
+                layers=2 if m.model.endswith("-random") else m.layers,
+            )
+            for m in self.models[:1]
+        ]
         return replace(
             self,
             name=f"{self.name}-quick",
@@ -246,10 +283,11 @@ def experiment_from_dict(data: dict[str, Any]) -> Experiment:
     if shapes_spec:
         grids = shapes_spec if isinstance(shapes_spec, list) else [shapes_spec]
         for grid in grids:
+            outs = _grid(grid["d_out"], "shapes d_out") if "d_out" in grid else [None]
             shapes += [
-                LayerShape(d, t)
-                for d, t in itertools.product(
-                    _grid(grid["d"], "shapes d"), _grid(grid["tokens"], "shapes tokens")
+                LayerShape(d, t, d_out)
+                for d, d_out, t in itertools.product(
+                    _grid(grid["d"], "shapes d"), outs, _grid(grid["tokens"], "shapes tokens")
                 )
             ]
     models = [
@@ -259,6 +297,7 @@ def experiment_from_dict(data: dict[str, Any]) -> Experiment:
             seq_len=int(m["seq_len"]),
             target_modules=tuple(m["target_modules"]),
             task=m.get("task"),
+            layers=m.get("layers"),
         )
         for m in data.pop("models", [])
     ]

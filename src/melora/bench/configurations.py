@@ -19,15 +19,15 @@ from torch import nn
 from melora.bench.config import Experiment, LayerShape, MethodSpec, ModelCase
 from melora.bench.kernels import kernel_workload
 from melora.bench.loop_baseline import apply_loop_baseline, loop_layers
-from melora.bench.workload import Workload
+from melora.bench.workload import Workload, compiled
 
 
 class SingleLinear(nn.Module):
-    """The layer-level model: one bias-free ``proj`` Linear d -> d (adapter target ``proj``)."""
+    """The layer-level model: one bias-free ``proj`` Linear d -> d_out (adapter target ``proj``)."""
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, d_out: int | None = None) -> None:
         super().__init__()
-        self.proj = nn.Linear(d, d, bias=False)
+        self.proj = nn.Linear(d, d if d_out is None else d_out, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(x)
@@ -92,27 +92,57 @@ def _make_workload(
 def layer_workload(
     experiment: Experiment, shape: LayerShape, spec: MethodSpec, device: torch.device
 ) -> Workload:
-    """MELoRA/LoRA/... on one ``proj`` Linear (d, d); input x (T, d) requires grad, output grad is fixed."""
+    """MELoRA/LoRA/... on one ``proj`` Linear (d -> d_out); input x (T, d) requires grad, output grad is
+    fixed."""
     dtype = getattr(torch, experiment.dtype)
     generator = torch.Generator().manual_seed(experiment.seed)
-    base = SingleLinear(shape.d)
+    base = SingleLinear(shape.d, shape.out_features)
     with torch.no_grad():
         base.proj.weight.normal_(0.0, shape.d**-0.5, generator=generator)
     model = attach_adapter(base.to(device=device, dtype=dtype), spec, ["proj"], experiment.alpha)
     x = torch.randn(shape.tokens, shape.d, generator=generator).to(device=device, dtype=dtype)  # (T, d)
-    grad_out = torch.randn(shape.tokens, shape.d, generator=generator).to(device=device, dtype=dtype)
+    grad_out = torch.randn(shape.tokens, shape.out_features, generator=generator).to(
+        device=device, dtype=dtype
+    )
     x.requires_grad_(True)
+    call = compiled(model) if spec.compiled else model
 
     def loss() -> torch.Tensor:
         x.grad = None
-        return (model(x) * grad_out).sum()  # d loss / d y = grad_out
+        return (call(x) * grad_out).sum()  # d loss / d y = grad_out
 
-    return _make_workload(spec, model, loss, lambda: model(x))
+    return _make_workload(spec, model, loss, lambda: call(x))
 
 
-def tiny_model(name: str) -> nn.Module:
-    """Random tiny BERT / Llama (hidden 64, 2 layers) for tests and smoke runs; no download."""
+SMOLLM2_135M = {  # SmolLM2-135M's architecture (its GGUF's config), for random-weight benchmarks
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "tie_word_embeddings": True,
+}
+
+
+RANDOM_MODELS = ("tiny-bert", "tiny-llama", "smollm2-random")
+
+
+def random_model(name: str, layers: int | None = None) -> nn.Module:
+    """A random-weight model, no download: tiny BERT / Llama (hidden 64, 2 layers) for tests and smoke
+    runs, or ``smollm2-random`` (SmolLM2-135M's shapes; ``layers`` of its 30 if given) for benchmarks
+    where its package is absent (GPU machines)."""
+    if name not in RANDOM_MODELS:
+        raise ValueError(f"model {name!r}: the random models are {', '.join(RANDOM_MODELS)}.")
     torch.manual_seed(0)
+    if name == "smollm2-random":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        return LlamaForCausalLM(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers or 30}))
     if name == "tiny-bert":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -136,8 +166,8 @@ def tiny_model(name: str) -> nn.Module:
 def load_base_model(case: ModelCase, experiment: Experiment, device: torch.device) -> nn.Module:
     """The frozen base model of ``case`` on ``device`` in the experiment's dtype."""
     dtype = getattr(torch, experiment.dtype)
-    if case.model.startswith("tiny-"):
-        model = tiny_model(case.model)
+    if case.model.startswith("tiny-") or case.model.endswith("-random"):
+        model = random_model(case.model, case.layers)
     elif case.task == "seq_cls":
         from melora.models import load_sequence_classifier
 
@@ -164,8 +194,9 @@ def model_workload(
         labels = torch.randint(0, 2, (case.batch,), generator=generator).to(device)
     else:
         labels = input_ids
+    call = compiled(model) if spec.compiled else model
 
-    return _make_workload(spec, model, lambda: model(**inputs, labels=labels).loss, lambda: model(**inputs))
+    return _make_workload(spec, model, lambda: call(**inputs, labels=labels).loss, lambda: call(**inputs))
 
 
 class WorkloadFactory:

@@ -85,16 +85,18 @@ def kernel_workload(experiment: Experiment, shape: LayerShape, spec: MethodSpec,
     """The adapter path alone: x (T, d) requires grad; train = forward + backward with a fixed output grad."""
     dtype = getattr(torch, experiment.dtype)
     generator = torch.Generator().manual_seed(experiment.seed)
-    d, r = shape.d, spec.r
+    d, d_out, r, n = shape.d, shape.out_features, spec.r, spec.n
 
     def tensor(*size: int) -> torch.Tensor:
         return (torch.randn(*size, generator=generator) * 0.02).to(device=device, dtype=dtype)
 
-    x, grad_out = tensor(shape.tokens, d), tensor(shape.tokens, d)
+    if spec.name == "melora" and (d % n or d_out % n):
+        raise ValueError(f"n={n} does not divide both features of {shape.label}.")
+    x, grad_out = tensor(shape.tokens, d), tensor(shape.tokens, d_out)
     if spec.name == "melora":
-        fn, A, B = VARIANTS[spec.impl], tensor(spec.n, r, d // spec.n), tensor(spec.n, d // spec.n, r)
+        fn, A, B = VARIANTS[spec.impl], tensor(n, r, d // n), tensor(n, d_out // n, r)
     else:
-        fn, A, B = lora_path, tensor(r, d), tensor(d, r)
+        fn, A, B = lora_path, tensor(r, d), tensor(d_out, r)
     for leaf in (x, A, B):
         leaf.requires_grad_(True)
 

@@ -11,17 +11,28 @@ def _ms(stat: dict[str, float]) -> str:
     return f"{1e3 * stat['median']:.1f} [{1e3 * stat['min']:.1f}, {1e3 * stat['max']:.1f}]"
 
 
+def _tokens(case: dict[str, Any]) -> int:
+    """Tokens per step: the layer's rows, or batch x sequence length."""
+    params = case["params"]
+    return params["tokens"] if "tokens" in params else params["batch"] * params["seq_len"]
+
+
 def _case_table(case: dict[str, Any]) -> list[str]:
-    base = next((row for row in case["rows"] if row["label"] == "base"), None)
+    bases = {  # eager rows against the eager base, compiled rows against the compiled base
+        row["method"].get("compiled", False): row for row in case["rows"] if row["method"]["name"] == "base"
+    }
+    tokens = _tokens(case)
     lines = [
         f"#### {case['case']}",
         "",
         "| configuration | trainable params | eq. rank | train step ms | forward ms | merged forward ms "
-        "| train / base | peak MB | step MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| train tokens/s | train / base | peak MB | step MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in case["rows"]:
         s = row["stats_s"]
+        base = bases.get(row["method"].get("compiled", False))
+        throughput = f"{tokens / s['train']['median']:,.0f}"
         ratio = (
             f"{statistics.median(a / b for a, b in zip(row['times_s']['train'], base['times_s']['train'])):.3f}"
             if base
@@ -32,7 +43,7 @@ def _case_table(case: dict[str, Any]) -> list[str]:
         step = f"{memory['step_mb']:.0f}" if memory else "-"
         lines.append(
             f"| {row['label']} | {row['trainable_params']:,} | {row['equivalent_rank'] or '-'} | {_ms(s['train'])} "
-            f"| {_ms(s['forward'])} | {_ms(s['forward_merged'])} | {ratio} | {peak} | {step} |"
+            f"| {_ms(s['forward'])} | {_ms(s['forward_merged'])} | {throughput} | {ratio} | {peak} | {step} |"
         )
     lines += [f"- skipped {item['label']}: {item['reason']}" for item in case.get("skipped", [])]
     return lines + [""]

@@ -3,6 +3,7 @@
 melora bench benchmarks/layer.yaml benchmarks/e2e.yaml      # measure + render
 melora bench --quick benchmarks/quick.yaml                   # CI smoke test (< 2 minutes)
 melora bench --render benchmarks/results/layer.json          # render only
+melora bench --compile benchmarks/e2e.yaml                   # eager and torch.compile, side by side
 """
 
 from __future__ import annotations
@@ -46,7 +47,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="repeats (overrides the YAML)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides the YAML")
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="base dtype (overrides the YAML)",
+    )
+    parser.add_argument(
         "--no-memory", action="store_true", help="skip the per-configuration memory processes"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also measure every configuration under torch.compile, interleaved with the eager ones "
+        "(results are written as <name>-compile)",
     )
     parser.set_defaults(func=run)
 
@@ -75,11 +88,14 @@ def run(args: argparse.Namespace) -> int:
                     ("threads", args.threads),
                     ("repeats", args.repeats),
                     ("device", args.device),
+                    ("dtype", args.dtype),
                 )
                 if value is not None
             }
             if args.no_memory:
                 overrides["memory"] = False
+            if args.compile and not experiment.compile:
+                overrides.update(compile=True, name=f"{experiment.name}-compile")
             experiment = dataclasses.replace(experiment, **overrides)
             if args.quick:
                 experiment = experiment.quick()

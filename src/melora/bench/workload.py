@@ -28,6 +28,22 @@ class Workload:
         return self.spec.label
 
 
+def compiled(model: nn.Module) -> Callable[..., object]:
+    """``torch.compile(model)`` with room in dynamo's cache for every configuration of a run.
+
+    A run compiles the same ``forward`` code for many models and for three modes each (train, inference,
+    merged); past dynamo's default cache limit (8 entries per code object) it would silently fall back to
+    eager for the later configurations.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 1024)
+    torch._dynamo.config.accumulated_cache_size_limit = max(
+        torch._dynamo.config.accumulated_cache_size_limit, 4096
+    )
+    return torch.compile(model)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
