@@ -57,3 +57,28 @@ def test_compiled_forward_and_gradients_equal_eager(kind):
     for name, param in compiled_model.named_parameters():
         if param.requires_grad:
             torch.testing.assert_close(param.grad, grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_adapter_batches_compile_with_peft_hooks_outside_the_graph():
+    """PEFT's adapter_names= route (one adapter per row) registers forward pre-hooks inside
+    PeftModel.forward, which dynamo cannot trace (setattr on torch.utils.hooks.RemovableHandle): so no
+    fullgraph there, but torch.compile with that break still gives the eager outputs."""
+    torch._dynamo.reset()
+    model, inputs = _model("llama", dropout=0.0)
+    model.add_adapter(
+        "other", MELoRAConfig(r=1, n=8, target_modules=["q_proj", "v_proj"], init_weights=False)
+    )
+    model.eval()
+    names = ["default", "other"]
+    with torch.no_grad():
+        expected = model(**inputs, adapter_names=names).logits
+        assert not torch.allclose(expected[0], model(**inputs, adapter_names=["other", "other"]).logits[0])
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="setattr"):
+            torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)(
+                **inputs, adapter_names=names
+            )
+        torch._dynamo.reset()
+        compiled = torch.compile(copy.deepcopy(model), backend="aot_eager")
+        torch.testing.assert_close(
+            compiled(**inputs, adapter_names=names).logits, expected, rtol=1e-5, atol=1e-6
+        )
