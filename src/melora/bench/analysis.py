@@ -12,7 +12,7 @@ import statistics
 from dataclasses import replace
 from typing import Any
 
-from melora.bench.config import MethodSpec, gralora_for
+from melora.bench.config import COMPILE_SUFFIX, MethodSpec, gralora_for
 
 FLAT_IN_N_LIMIT = 1.10
 
@@ -106,7 +106,7 @@ def _flat_checks(case: str, rows: dict[str, dict]) -> list[dict[str, Any]]:
     for (r, compiled), labels in sorted(by_r.items()):
         if len(labels) < 3:
             continue
-        suffix = " +compile" if compiled else ""
+        suffix = COMPILE_SUFFIX if compiled else ""
         ns = {label: rows[label]["method"]["n"] for label in labels}
         medians = {label: statistics.median(rows[label]["times_s"]["train"]) for label in labels}
         value = max(medians.values()) / min(medians.values())
@@ -132,15 +132,15 @@ def _compile_checks(case: str, targets: list[dict[str, Any]]) -> list[dict[str, 
     eager = {
         (t["melora"], t["check"]): t["value"]
         for t in targets
-        if t["case"] == case and not t["melora"].endswith(" +compile")
+        if t["case"] == case and not t["melora"].endswith(COMPILE_SUFFIX)
     }
     out = []
     for t in targets:
-        if t["case"] != case or not t["melora"].endswith(" +compile"):
+        if t["case"] != case or not t["melora"].endswith(COMPILE_SUFFIX):
             continue
         if t["check"] not in ("train_vs_lora_same_params", "train_vs_lora_same_rank", "train_vs_gralora"):
             continue
-        reference = eager.get((t["melora"].removesuffix(" +compile"), t["check"]))
+        reference = eager.get((t["melora"].removesuffix(COMPILE_SUFFIX), t["check"]))
         if reference is None:
             continue
         out.append(

@@ -27,6 +27,7 @@ import itertools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+COMPILE_SUFFIX = " +compile"  # label suffix of a configuration measured under torch.compile
 METHOD_NAMES = ("base", "melora", "lora", "gralora", "loop")
 BASELINES = ("lora_same_params", "lora_same_rank", "gralora", "loop", "base")
 LEVELS = ("layer", "e2e", "kernel")
@@ -69,7 +70,7 @@ class MethodSpec:
 
     @property
     def label(self) -> str:
-        suffix = " +compile" if self.compiled else ""
+        suffix = COMPILE_SUFFIX if self.compiled else ""
         if self.name == "base":
             return "base" + suffix
         if self.name in ("melora", "loop"):
