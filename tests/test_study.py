@@ -16,7 +16,7 @@ import yaml
 
 from melora.args import UserError
 from melora.records import RunRecord
-from melora.study.command import run_options
+from melora.study.command import RUN_PRESET, drop_checkpoints, resumable, run_options
 from melora.study.plan import is_done, plan_study
 from melora.study.render import render_study
 from melora.study.spec import parse_study
@@ -94,6 +94,19 @@ def test_plan_tunes_then_extends_an_edge_optimum_then_runs_the_seeds(tmp_path):
     assert [(j.lr, j.seed) for j in plan.pending(is_done)] == [(9e-3, 1), (9e-3, 2)]
     assert plan.extended[("rte", "lora-r8")] == [9e-3, 2.7e-2]
     assert (tmp_path / "study" / "rte" / "lora-r8" / "lr0.009" / "seed1") == plan.pending(is_done)[0].folder
+
+
+def test_runs_start_with_the_main_comparison_on_every_task_then_the_other_methods(tmp_path):
+    methods = [{"method": "lora", "r": 8}, {"method": "full"}, {"method": "melora", "r": 1, "n": 8},
+               {"method": "melora", "r": 2, "n": 4}]  # fmt: skip
+    spec = parse_study(study(tmp_path, methods=methods, tasks={"rte": {}, "stsb": {}}, seeds=[0],
+                             lr_grid={"lora": [1e-3], "melora": [1e-3], "full": [1e-5]},
+                             compare=[["melora-r1-n8", "lora-r8"], ["melora-r2-n4", "lora-r8"]]))  # fmt: skip
+    order = [(j.task, j.slug) for j in plan_study(spec).jobs]
+    assert order == [
+        ("rte", "lora-r8"), ("rte", "melora-r1-n8"), ("stsb", "lora-r8"), ("stsb", "melora-r1-n8"),
+        ("rte", "melora-r2-n4"), ("stsb", "melora-r2-n4"), ("rte", "full"), ("stsb", "full"),
+    ]  # fmt: skip
 
 
 def test_extension_stops_at_the_limit_and_lower_is_better_for_losses(tmp_path):
@@ -186,6 +199,84 @@ def test_run_options_layer_base_task_method_and_run(tmp_path):
     assert options["output_dir"] == str(job.folder) and options["threads"] == 1
 
 
+def start_study(tmp_path, data: dict):
+    """Write ``data`` as a study file and start ``melora study`` on it in its own process group."""
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress"]
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    return command, env, process
+
+
+def fake_checkpoint(folder: Path, step: int, whole: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"x")
+    if whole:
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_an_unfinished_run_resumes_only_from_a_whole_checkpoint_under_the_same_options(tmp_path):
+    from melora.io import write_yaml_atomic
+
+    spec = parse_study(study(tmp_path))
+    job = plan_study(spec).jobs[0]
+    options = run_options(spec, job)
+    assert options["save_strategy"] == "epoch" and options["resume"] is True
+    job.folder.mkdir(parents=True)
+    assert resumable(spec, job) is None  # no run.yaml: nothing to continue
+    write_yaml_atomic(job.folder / RUN_PRESET, options)
+    assert resumable(spec, job) is None  # no checkpoint yet
+    first = fake_checkpoint(job.folder, 10)
+    fake_checkpoint(job.folder, 20, whole=False)  # killed while saving: skipped
+    assert resumable(spec, job) == str(first)
+    write_yaml_atomic(job.folder / RUN_PRESET, {**options, "epochs": 5})  # the study's budget changed
+    assert resumable(spec, job) is None
+    # a study that turns checkpoints off never resumes
+    no_saves = parse_study(study(tmp_path, base={"save_strategy": "no"}))
+    assert run_options(no_saves, job)["resume"] is False
+    write_yaml_atomic(job.folder / RUN_PRESET, run_options(no_saves, job))
+    assert resumable(no_saves, job) is None
+    nested = fake_checkpoint(job.folder / "checkpoints", 5)  # the instruct runner's layout
+    drop_checkpoints(job)
+    assert not first.exists() and not nested.exists() and not (job.folder / "checkpoints").exists()
+    assert (job.folder / RUN_PRESET).is_file()
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_an_epoch_continues_from_its_checkpoint(tmp_path):
+    """Kill the study once a run has saved an epoch; the rerun resumes it (not from scratch), then cleans up."""
+    from tests.tiny_models import write_tiny_glue
+
+    tiny = write_tiny_glue(tmp_path / "tiny", hidden=32, layers=1, counts=(("train", 1500), ("dev", 16)))
+    base = {"model": tiny["model"], "data_dir": tiny["data_dir"], "batch_size": 4, "eval_batch_size": 8,
+            "max_length": 32, "save_model": False}  # fmt: skip
+    data = study(tmp_path, base=base, tasks={"rte": {"epochs": 3}}, seeds=[0], methods=[{"method": "lora", "r": 8}],
+                 lr_grid={"lora": [1e-3]}, compare=[])  # fmt: skip
+    command, env, first = start_study(tmp_path, data)
+    run = Path(data["output_dir"]) / "rte" / "lora-r8" / "lr0.001" / "seed0"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(run.glob("checkpoint-*/trainer_state.json")):
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    assert not (run / "results.json").exists(), "the run finished before the kill: make its epochs longer"
+    saved = sorted(run.glob("checkpoint-*/trainer_state.json"))
+    assert saved
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed_from"] is not None
+    assert Path(results["resumed_from"]).name in {p.parent.name for p in saved}
+    assert [e["epoch"] for e in results["epochs"]] == [1.0, 2.0, 3.0]  # epoch 1 from before the kill
+    assert "# resuming from" in (run / "run.log").read_text()
+    assert not list(run.glob("checkpoint-*")), "a finished run keeps no checkpoints"
+
+
 @pytest.mark.slow
 def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
     """A real study of tiny BERT runs (subprocesses): kill it mid-way, rerun, nothing finished reruns."""
@@ -208,13 +299,7 @@ def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
         tune={"extend": 0},
         workers=2,
     )
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data))
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress"]
-    first = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    command, env, first = start_study(tmp_path, data)
     root = Path(data["output_dir"])
     deadline = time.time() + 300
     while time.time() < deadline and not list(root.rglob("results.json")):

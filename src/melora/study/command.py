@@ -3,8 +3,11 @@
 Each run is a ``melora glue|instruct --config <run>/run.yaml`` subprocess (its log in
 ``<run>/run.log``), with ``threads_per_worker`` torch threads; ``workers`` of them run at once.
 A run's results.json is written atomically at its end, so a study killed at any point resumes by
-running the same command again: finished runs are skipped, unfinished ones start over. A run
-being executed by another live study process (``<run>/.running`` holds its pid) is left alone.
+running the same command again: finished runs are skipped, and an unfinished one continues from its
+last complete epoch checkpoint (``save_strategy: epoch`` unless the study sets another; resumed only
+when its ``run.yaml`` still matches the study, otherwise it starts over). A run's checkpoints are
+deleted once it has finished. A run being executed by another live study process
+(``<run>/.running`` holds its pid) is left alone.
 After the last run (and with ``--report-only`` at any time) the report, its JSON and figures are
 written to ``<root>/report.md``, ``<root>/summary.json`` and ``<root>/figures/``.
 
@@ -45,14 +48,59 @@ def run_options(spec: StudySpec, job: Job) -> dict[str, Any]:
     options.update({k: v for k, v in asdict(entry.adapter).items() if v is not None})
     if spec.runner == "glue":
         options["task"] = job.task
+    options.setdefault("save_strategy", "epoch")  # a killed run continues from its last epoch
     options.update(
         lr=job.lr,
         seed=job.seed,
         output_dir=str(job.folder),
         threads=spec.threads_per_worker,
         progress=False,
+        resume=options["save_strategy"] != "no",
     )
     return options
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """Where the runners write Trainer checkpoints: glue into the run folder, instruct into ``checkpoints/``."""
+    return [folder, folder / "checkpoints"]
+
+
+def resumable(spec: StudySpec, job: Job) -> str | None:
+    """The checkpoint an unfinished attempt of ``job`` can continue from, or None to start over.
+
+    Only when the attempt's ``run.yaml`` equals the options the study gives the run now: a study file
+    edited since (another budget, batch size, ...) must not continue a run trained under the old one.
+    """
+    import yaml
+
+    from melora.finetune.training import last_complete_checkpoint
+
+    preset = job.folder / RUN_PRESET
+    if job.kind != "train" or not preset.is_file():
+        return None
+    try:
+        previous = yaml.safe_load(preset.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+    if previous != run_options(spec, job) or not previous.get("resume"):
+        return None
+    for folder in checkpoint_folders(job.folder):
+        checkpoint = last_complete_checkpoint(folder)
+        if checkpoint is not None:
+            return checkpoint
+    return None
+
+
+def drop_checkpoints(job: Job) -> None:
+    """A finished run's checkpoints are no result: delete them (full fine-tuning's are ~300 MB each)."""
+    for folder in checkpoint_folders(job.folder):
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path.is_dir() and path.name.startswith("checkpoint-"):
+                    shutil.rmtree(path)
+    nested = job.folder / "checkpoints"
+    if nested.is_dir() and not any(nested.iterdir()):
+        nested.rmdir()
 
 
 def command_for(spec: StudySpec, job: Job) -> list[str]:
@@ -113,8 +161,9 @@ def running_elsewhere(job: Job) -> bool:
 
 def execute(spec: StudySpec, job: Job) -> int:
     """Run one job to completion in a subprocess; returns its exit status."""
-    if job.folder.exists():
-        shutil.rmtree(job.folder)  # an unfinished earlier attempt: start over
+    checkpoint = resumable(spec, job) if job.folder.exists() else None
+    if job.folder.exists() and checkpoint is None:
+        shutil.rmtree(job.folder)  # an unfinished earlier attempt that cannot continue: start over
     job.folder.mkdir(parents=True, exist_ok=True)
     argv = command_for(spec, job)
     env = {
@@ -125,12 +174,16 @@ def execute(spec: StudySpec, job: Job) -> int:
     }
     (job.folder / LOCK).write_text(str(os.getpid()))
     try:
-        with open(job.folder / RUN_LOG, "w", encoding="utf-8") as log:
+        with open(job.folder / RUN_LOG, "a" if checkpoint else "w", encoding="utf-8") as log:
+            if checkpoint:
+                log.write(f"# resuming from {checkpoint}\n")
             log.write("+ melora " + " ".join(argv) + "\n")
             log.flush()
             proc = subprocess.run(
                 [sys.executable, "-m", "melora.cli", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
             )
+        if proc.returncode == 0 and is_done(job):
+            drop_checkpoints(job)
         return proc.returncode
     finally:
         (job.folder / LOCK).unlink(missing_ok=True)

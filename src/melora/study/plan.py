@@ -1,7 +1,10 @@
 """Which runs a study needs, derived again each time from what is already on disk.
 
 The plan is a pure function of the study file and the finished results: re-planning after a kill
-gives the same runs, and finished ones are skipped. Per (task, method):
+gives the same runs, and finished ones are skipped. Runs start in plan order: the pair of the
+study's first ``compare`` entry on every task, then the second pair's new method, and so on, then
+the methods no comparison names; task by task within each group. A study stopped early so has its
+main answer on all tasks first. Per (task, method):
 
 1. the learning-rate grid at the tuning seed;
 2. when every grid point has finished and the best one sits at an edge, one more point beyond that
@@ -150,4 +153,14 @@ def plan_study(spec: StudySpec, failed: frozenset[str] = frozenset()) -> Plan:
                     plan.jobs.append(job)
                 if spec.eval is not None:
                     plan.jobs.append(Job("eval", task, entry.slug, chosen, seed, job.folder / "eval"))
+    tasks = list(spec.tasks)
+    plan.jobs.sort(key=lambda job: (priority(spec, job.slug), tasks.index(job.task)))  # stable
     return plan
+
+
+def priority(spec: StudySpec, slug: str) -> int:
+    """The index of the first ``compare`` pair that names ``slug``; methods no pair names come last."""
+    for index, pair in enumerate(spec.compare):
+        if slug in pair:
+            return index
+    return len(spec.compare)
