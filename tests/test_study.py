@@ -17,6 +17,7 @@ import yaml
 from melora.args import UserError
 from melora.records import RunRecord
 from melora.study.command import RUN_PRESET, drop_checkpoints, resumable, run_options
+from melora.study.learning import clear_margin
 from melora.study.plan import is_done, plan_study
 from melora.study.render import render_study
 from melora.study.spec import parse_study
@@ -41,13 +42,14 @@ def study(tmp_path, **overrides) -> dict:
     return data
 
 
-def finish(job, value: float, metric: str = "rte/accuracy_best", params: int = 1000) -> None:
+def finish(job, value: float, metric: str = "rte/accuracy_best", params: int = 1000, details=None) -> None:
     """Write a results.json for ``job`` as the runner would (only the fields the study reads)."""
     slug = job.slug
     method = slug.split("-")[0]
     label = {"lora-r8": "lora r=8", "melora-r1-n8": "melora r=1 n=8"}.get(slug, slug)
     RunRecord("glue", label, slug, method, {metric: value}, seed=job.seed, task=job.task,
-              config={"lr": job.lr, "seed": job.seed}, trainable_params=params).write(job.folder)  # fmt: skip
+              config={"lr": job.lr, "seed": job.seed}, trainable_params=params,
+              details=details or {}).write(job.folder)  # fmt: skip
 
 
 def test_study_file_errors_name_the_key_and_the_file(tmp_path):
@@ -157,6 +159,36 @@ def test_paired_difference_matches_a_hand_computation():
     assert clear.verdict() == "beats" and clear.verdict(lower_is_better=True) == "loses to"
     assert paired_difference({0: 1.0}, {0: 0.5}).verdict() == "too few seeds to call"
     assert paired_difference({0: 1.0}, {1: 0.5}) is None
+
+
+def test_clear_margin_is_two_standard_errors_of_a_constant_predictor():
+    assert clear_margin("accuracy", 0.527, 277) == pytest.approx(2 * math.sqrt(0.527 * 0.473 / 277))
+    assert clear_margin("accuracy", 0.527, 277) == pytest.approx(0.05999, abs=1e-4)  # RTE's dev set
+    assert clear_margin("mcc", 0.0, 1043) == pytest.approx(0.06193, abs=1e-4)  # CoLA's
+    with pytest.raises(ValueError, match="num_eval=0"):
+        clear_margin("accuracy", 0.5, 0)
+
+
+def test_report_says_which_methods_clear_the_baseline_and_states_each_verdict(tmp_path):
+    spec = parse_study(
+        study(tmp_path, tune={"extend": 0}, seeds=[0, 1, 2], lr_grid={"lora": [1e-3], "melora": [1e-3]})
+    )
+    curve = [{"epoch": 1.0, "accuracy": 0.55}, {"epoch": 2.0, "accuracy": 0.62}]
+    details = {"trivial_baseline": {"accuracy": 0.527}, "num_eval_examples": 277, "epochs": curve}
+    lora = {0: 0.62, 1: 0.60, 2: 0.61}  # worst seed 0.60 > 0.527 + 0.060: learns
+    melora = {0: 0.66, 1: 0.58, 2: 0.64}  # worst seed 0.58 < 0.587: does not
+    for job in plan_study(spec).jobs:
+        finish(job, (lora if job.slug == "lora-r8" else melora)[job.seed], details=details)
+    text, summary = render_study(spec, plan_study(spec))
+    assert "| rte | lora r=8 | accuracy | 0.610 (3) | 0.600 | 0.527 | > 0.587 | yes |" in text
+    assert "| rte | melora r=1 n=8 | accuracy | 0.627 (3) | 0.580 | 0.527 | > 0.587 | **no** |" in text
+    assert [row["learns"] for row in summary["learning"]] == [True, False]
+    diffs = [0.04, -0.02, 0.03]
+    mean = sum(diffs) / 3
+    half = 4.302652729911275 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert f"melora r=1 n=8 **ties** lora r=8 on rte (rte/accuracy_best) by {mean:+.4f} ± {half:.4f}" in text
+    assert (spec.root / "figures" / "learning_curves.png").stat().st_size > 1000
+    assert summary["compute"]["runs"] == 6
 
 
 def test_report_tables_sweeps_comparisons_and_plots(tmp_path):

@@ -282,6 +282,7 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
             "last": last,
             "epochs": epochs,
             "num_train_examples": len(data["train"]),
+            "num_eval_examples": len(data[first_split]),
             "train_runtime_s": train_output.metrics.get("train_runtime"),
             "world_size": trainer.args.world_size,
             "resumed_from": checkpoint,

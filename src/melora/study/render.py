@@ -3,7 +3,9 @@
 The tables and the score-vs-parameters plot come from :mod:`melora.report` (the same code as
 ``melora report``), over the runs at each method's chosen learning rate. Added here: the
 learning-rate sweep per task and method with the chosen point marked, the paired per-seed
-comparisons with 95% intervals and a verdict, and a plot of the n ablation when the study has one.
+comparisons with 95% intervals and a verdict sentence each, and a plot of the n ablation when the
+study has one; for GLUE studies, each method against its task's trivial baseline and the learning
+curves (:mod:`melora.study.learning`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,25 @@ def comparison_table(spec: StudySpec, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def verdict_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
+    """One plain sentence per comparison: "A beats / ties / loses to B on task by d ± e (95%, k seeds)"."""
+    lines = []
+    for row in rows:
+        p = row["paired"]
+        a, b = spec.method(row["a"]).label, spec.method(row["b"]).label
+        if p.low is None:
+            lines.append(
+                f"- {a} vs {b} on {row['task']} ({row['metric']}): {p.mean:+.4f} on 1 seed, too few to call."
+            )
+            continue
+        half = (p.high - p.low) / 2
+        lines.append(
+            f"- {a} **{row['verdict']}** {b} on {row['task']} ({row['metric']}) by {p.mean:+.4f} ± {half:.4f} "
+            f"(95% interval over {len(p.seeds)} paired seeds)."
+        )
+    return lines
+
+
 def plot_sweeps(spec: StudySpec, plan: Plan, path: Path) -> None:
     """Score vs learning rate (log x) per task, one line per method, the chosen point circled."""
     import matplotlib
@@ -183,11 +204,21 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
     from melora.report import markdown_tables
 
     figures = spec.root / "figures"
-    sections = [f"# Study {spec.name}", "", f"Study file: `{spec.source}`; runs under `{spec.root}`.", ""]
+    from melora.study.learning import compute_spent
+
+    spent = compute_spent(plan)
+    sections = [
+        f"# Study {spec.name}",
+        "",
+        f"Study file: `{spec.source}`; runs under `{spec.root}`. {spent['runs']} runs finished, "
+        f"{spent['run_hours']:.1f} run-hours ({spec.workers} workers x {spec.threads_per_worker} threads).",
+        "",
+    ]
     runs = chosen_runs(spec, plan)
     summary: dict[str, Any] = {
         "study": spec.name,
         "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
+        "compute": spent,
     }
     if runs:
         metric_keys = "|".join(sorted({re.escape(spec.metric_for(t)) for t in spec.tasks}))
@@ -199,6 +230,15 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
             {"label": g.label, "metric": g.metric, "mean": g.mean, "std": g.std, "n": len(g.values),
              "cell": cell_text(g)} for g in groups
         ]  # fmt: skip
+    if runs and spec.runner == "glue":
+        from melora.study.learning import learning_rows, learning_table, plot_learning_curves
+
+        learned = learning_rows(spec, plan, runs)
+        sections += ["## Does every method learn? (each seed against the trivial baseline)", ""]
+        sections += [learning_table(learned), ""]
+        if plot_learning_curves(spec, plan, runs, figures / "learning_curves.png"):
+            sections += ["![dev metric per epoch](figures/learning_curves.png)", ""]
+        summary["learning"] = learned
     if plan.sweeps:
         sections += ["## Learning-rate sweeps (chosen point in bold)", "", sweep_table(spec, plan), ""]
         plot_sweeps(spec, plan, figures / "lr_sweeps.png")
@@ -208,6 +248,7 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
     rows = comparisons(spec, plan)
     if rows:
         sections += ["## Paired comparisons (same seeds)", "", comparison_table(spec, rows), ""]
+        sections += ["Verdicts:", "", *verdict_lines(spec, rows), ""]
         summary["comparisons"] = [
             {**{k: v for k, v in row.items() if k != "paired"}, "mean": row["paired"].mean,
              "low": row["paired"].low, "high": row["paired"].high, "seeds": list(row["paired"].seeds),

@@ -1,0 +1,139 @@
+"""Did every method learn? Each chosen run against its task's trivial baseline, and the learning curves.
+
+A score *clears* the baseline when it exceeds it by more than what a constant predictor reaches by
+chance on a dev set of that size: two standard errors, ``2 * sqrt(b (1 - b) / N)`` for an accuracy
+``b`` of the majority class and ``2 / sqrt(N)`` for a correlation (MCC, Pearson, Spearman), whose
+standard error under no association is about ``1 / sqrt(N)``. With RTE's 277 dev examples that is
+0.060 accuracy; with CoLA's 1,043 it is 0.062 MCC. A (task, method) *learns* when every one of its
+seeds clears it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from melora.study.plan import Plan
+from melora.study.spec import StudySpec
+
+CORRELATIONS = ("mcc", "pearson", "spearman")
+
+
+def clear_margin(metric: str, baseline: float, num_eval: int) -> float:
+    """Two standard errors of ``metric`` for a predictor that ignores its input, on ``num_eval`` examples."""
+    if num_eval < 1:
+        raise ValueError(f"num_eval={num_eval}: expected at least one dev example")
+    if metric in CORRELATIONS:
+        return 2.0 / math.sqrt(num_eval)
+    if not 0.0 <= baseline <= 1.0:
+        raise ValueError(f"{metric} baseline {baseline}: expected a rate in [0, 1]")
+    return 2.0 * math.sqrt(baseline * (1.0 - baseline) / num_eval)
+
+
+def _metric_name(spec: StudySpec, task: str) -> str:
+    """``cola/mcc_best`` -> ``mcc``: the key of ``trivial_baseline`` and of each epoch's metrics."""
+    key = spec.metric_for(task).split("/", 1)[-1]
+    return key.removesuffix("_best").removesuffix("_last")
+
+
+def learning_rows(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, method) at the chosen lr: mean, worst seed, baseline, margin and whether it learns."""
+    rows = []
+    for task in spec.tasks:
+        name = _metric_name(spec, task)
+        for entry in spec.methods:
+            mine = [r for r in runs if r.get("task") == task and r.get("slug") == entry.slug]
+            if not mine:
+                continue
+            scores = [float(r["summary"][spec.metric_for(task)]) for r in mine]
+            baseline = float(mine[0].get("trivial_baseline", {}).get(name, math.nan))
+            num_eval = mine[0].get("num_eval_examples")
+            margin = (
+                clear_margin(name, baseline, int(num_eval)) if num_eval and not math.isnan(baseline) else None
+            )
+            worst = min(scores)
+            rows.append(
+                {
+                    "task": task,
+                    "slug": entry.slug,
+                    "label": entry.label,
+                    "metric": name,
+                    "n": len(scores),
+                    "mean": sum(scores) / len(scores),
+                    "worst": worst,
+                    "baseline": baseline,
+                    "margin": margin,
+                    "learns": None if margin is None else worst > baseline + margin,
+                }
+            )
+    return rows
+
+
+def learning_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| task | method | metric | mean (n) | worst seed | trivial baseline | clear by | learns |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        margin = "-" if row["margin"] is None else f"> {row['baseline'] + row['margin']:.3f}"
+        verdict = {True: "yes", False: "**no**", None: "unknown (no dev size)"}[row["learns"]]
+        lines.append(
+            f"| {row['task']} | {row['label']} | {row['metric']} | {row['mean']:.3f} ({row['n']}) | "
+            f"{row['worst']:.3f} | {row['baseline']:.3f} | {margin} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]], path: Path) -> bool:
+    """Dev metric per epoch of each method's chosen run at the tuning seed, the baseline dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in spec.tasks if any(r.get("task") == t and r.get("epochs") for r in runs)]
+    if not tasks:
+        return False
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        name = _metric_name(spec, task)
+        baseline = None
+        for entry in spec.methods:
+            mine = sorted(
+                (
+                    r
+                    for r in runs
+                    if r.get("task") == task and r.get("slug") == entry.slug and r.get("epochs")
+                ),
+                key=lambda r: (r.get("seed") != spec.tune.seed, r.get("seed")),
+            )
+            if not mine:
+                continue
+            curve = [(e["epoch"], e[name]) for e in mine[0]["epochs"] if name in e]
+            ax.plot(*zip(*curve), marker=".", label=entry.label)
+            baseline = mine[0].get("trivial_baseline", {}).get(name, baseline)
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="trivial baseline")
+        ax.set_title(f"{task}: dev {name}", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def compute_spent(plan: Plan) -> dict[str, float]:
+    """Runs finished and their summed wall time (each run used ``threads_per_worker`` cores)."""
+    import json
+
+    seconds, count = 0.0, 0
+    for job in plan.jobs:
+        if job.results.is_file():
+            data = json.loads(job.results.read_text(encoding="utf-8"))
+            seconds += float(data.get("wall_time_s") or 0.0)
+            count += 1
+    return {"runs": count, "run_hours": seconds / 3600}
