@@ -87,16 +87,13 @@ def learning_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]], path: Path) -> bool:
     """Dev metric per epoch of each method's chosen run at the tuning seed, the baseline dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from melora.study.figures import label_panel, save, task_panels
 
     tasks = [t for t in spec.tasks if any(r.get("task") == t and r.get("epochs") for r in runs)]
     if not tasks:
         return False
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = task_panels(len(tasks))
+    for ax, task in zip(axes, tasks):
         name = _metric_name(spec, task)
         baseline = None
         for entry in spec.methods:
@@ -115,14 +112,8 @@ def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]
             baseline = mine[0].get("trivial_baseline", {}).get(name, baseline)
         if baseline is not None:
             ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="trivial baseline")
-        ax.set_title(f"{task}: dev {name}", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        label_panel(ax, f"{task}: dev {name}", "epoch")
+    save(fig, path)
     return True
 
 

@@ -121,16 +121,13 @@ def verdict_lines(spec: StudySpec, rows: list[dict[str, Any]]) -> list[str]:
 
 def plot_sweeps(spec: StudySpec, plan: Plan, path: Path) -> None:
     """Score vs learning rate (log x) per task, one line per method, the chosen point circled."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from melora.study.figures import label_panel, save, task_panels
 
     tasks = [t for t in spec.tasks if any(k[0] == t for k in plan.sweeps)]
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = task_panels(len(tasks))
+    for ax, task in zip(axes, tasks):
         for (t, slug), scores in sorted(plan.sweeps.items()):
             if t != task:
                 continue
@@ -142,22 +139,13 @@ def plot_sweeps(spec: StudySpec, plan: Plan, path: Path) -> None:
             if chosen is not None and scores.get(chosen) is not None:
                 ax.plot([chosen], [scores[chosen]], "o", ms=12, mfc="none", color=line.get_color())
         ax.set_xscale("log")
-        ax.set_title(f"{task}: {spec.metric_for(task).split('/')[-1]}", fontsize=9)
-        ax.set_xlabel("learning rate")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        label_panel(ax, f"{task}: {spec.metric_for(task).split('/')[-1]}", "learning rate")
+    save(fig, path)
 
 
 def plot_n_ablation(spec: StudySpec, plan: Plan, path: Path) -> bool:
     """Score vs n for MELoRA methods sharing r (when the study has >= 3 values of n); False if none."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from melora.study.figures import label_panel, save, task_panels
 
     by_r: dict[int, list] = {}
     for entry in spec.methods:
@@ -167,9 +155,9 @@ def plot_n_ablation(spec: StudySpec, plan: Plan, path: Path) -> bool:
     if not series:
         return False
     tasks = list(spec.tasks)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    fig, axes = task_panels(len(tasks))
     plotted = False
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes, tasks):
         metric = spec.metric_for(task)
         for r, entries in series.items():
             xs, means, stds = [], [], []
@@ -187,15 +175,8 @@ def plot_n_ablation(spec: StudySpec, plan: Plan, path: Path) -> bool:
                 ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"MELoRA r={r}")
                 plotted = True
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("n (mini LoRAs)")
-        ax.set_title(f"{task}: {metric.split('/')[-1]}", fontsize=9)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    if plotted:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
+        label_panel(ax, f"{task}: {metric.split('/')[-1]}", "n (mini LoRAs)")
+    save(fig, path if plotted else None)
     return plotted
 
 
