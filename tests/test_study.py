@@ -16,7 +16,7 @@ import yaml
 
 from melora.args import UserError
 from melora.records import RunRecord
-from melora.study.command import RUN_PRESET, drop_checkpoints, resumable, run_options
+from melora.study.command import RUN_PRESET, describe_plan, drop_checkpoints, resumable, run_options
 from melora.study.learning import clear_margin
 from melora.study.plan import is_done, plan_study
 from melora.study.render import render_study
@@ -277,6 +277,26 @@ def test_an_unfinished_run_resumes_only_from_a_whole_checkpoint_under_the_same_o
     drop_checkpoints(job)
     assert not first.exists() and not nested.exists() and not (job.folder / "checkpoints").exists()
     assert (job.folder / RUN_PRESET).is_file()
+
+
+def test_plan_shows_how_far_a_run_of_another_study_process_has_got(tmp_path):
+    spec = parse_study(study(tmp_path))
+    first, second = plan_study(spec).jobs[:2]
+    finish(first, 0.6)
+    second.folder.mkdir(parents=True)
+    (second.folder / "run.log").write_text(
+        "{'loss': '0.7', 'epoch': '0.5'}\n{'loss': '0.6', 'epoch': '1.25'}\n"
+    )
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (second.folder / ".running").write_text(str(other.pid))
+        lines = describe_plan(spec, plan_study(spec)).splitlines()
+    finally:
+        other.kill()
+        other.wait()
+    assert lines[0].split() == ["done", first.name]
+    assert lines[1].split() == ["running", "(1.2/2", "ep)", second.name]
+    assert lines[2].startswith("to run")
 
 
 @pytest.mark.slow

@@ -246,11 +246,31 @@ def write_report(spec: StudySpec, plan: Plan) -> Path:
     return spec.root / "report.md"
 
 
+def logged_epoch(job: Job) -> float | None:
+    """The last training epoch a run's log reports (Trainer logs ``'epoch': '1.5'``), or None."""
+    import re
+
+    try:
+        text = (job.folder / RUN_LOG).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    found = re.findall(r"'epoch': '?([0-9.]+)", text)
+    return float(found[-1]) if found else None
+
+
 def describe_plan(spec: StudySpec, plan: Plan) -> str:
+    """One line per job: done / running (epoch reached of the budget) / to run."""
     lines = []
     for job in plan.jobs:
-        state = "done" if is_done(job) else ("running elsewhere" if running_elsewhere(job) else "to run")
-        lines.append(f"{state:18s} {job.name}")
+        if is_done(job):
+            state = "done"
+        elif running_elsewhere(job):
+            epoch = logged_epoch(job)
+            budget = run_options(spec, job).get("epochs")
+            state = "running" + (f" ({epoch:.1f}/{budget:g} ep)" if epoch is not None and budget else "")
+        else:
+            state = "to run"
+        lines.append(f"{state:22s} {job.name}")
     waiting = [f"{t}/{s}" for (t, s) in plan.sweeps if (t, s) not in plan.chosen]
     if waiting:
         lines.append(f"(learning rate still being tuned for {', '.join(waiting)}: more runs may follow)")
