@@ -159,6 +159,23 @@ def test_fresh_process_loading_paths(tmp_path):
         torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=route)
 
 
+def test_import_melora_registers_even_when_peft_was_looked_up_before_it_was_imported(tmp_path):
+    """transformers asks ``importlib.util.find_spec("peft")`` before anything imports PEFT."""
+    _, model, _ = _peft("mlp")
+    save_adapter(model, tmp_path / "adapter")
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import melora
+        assert importlib.util.find_spec("peft") is not None and "peft" not in sys.modules
+        importlib.util.find_spec("peft")
+        from peft import PeftConfig
+        assert type(PeftConfig.from_pretrained({str(tmp_path / "adapter")!r})).__name__ == "MELoRAConfig"
+        assert not any(type(f).__name__ == "_RegisterAfterPeft" for f in sys.meta_path)  # done: it left
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_fresh_process_without_import_melora_fails_clearly(tmp_path):
     _, model, _ = _peft("mlp")
     save_adapter(model, tmp_path / "adapter")

@@ -50,21 +50,35 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
 
 
-class _RegisterAfterPeft(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Wraps PEFT's loader once: after ``peft`` has executed, import melora.tuner (which registers)."""
+class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
+    """Hands out PEFT's spec with a loader that, once ``peft`` has executed, imports melora.tuner.
+
+    It stays on ``sys.meta_path`` until PEFT is actually executed: availability checks such as
+    transformers' ``importlib.util.find_spec("peft")`` also consult it, and must not use it up.
+    """
 
     def __init__(self) -> None:
-        self._loader: Any = None
+        self._looking = False
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None):
-        if fullname != "peft":
+        if fullname != "peft" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(fullname)
-        if spec is not None and spec.loader is not None:
-            self._loader = spec.loader
-            spec.loader = self
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec(fullname)  # the real finders (this one steps aside)
+        finally:
+            self._looking = False
+        if spec is not None and spec.loader is not None and not isinstance(spec.loader, _PeftLoader):
+            spec.loader = _PeftLoader(spec.loader, self)
         return spec
+
+
+class _PeftLoader(importlib.abc.Loader):
+    """PEFT's own loader, then the registration; puts PEFT's loader back on the module."""
+
+    def __init__(self, loader: Any, finder: _RegisterAfterPeft) -> None:
+        self._loader = loader
+        self._finder = finder
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
@@ -74,6 +88,8 @@ class _RegisterAfterPeft(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__loader__ = self._loader
         if module.__spec__ is not None:
             module.__spec__.loader = self._loader
+        if self._finder in sys.meta_path:
+            sys.meta_path.remove(self._finder)
         importlib.import_module("melora.tuner")  # registers at the end of its import
 
     def __getattr__(self, name: str) -> Any:  # resource readers and the like: PEFT's own loader

@@ -150,7 +150,7 @@ def load_model(model: str, adapter: str | None = None, merge: bool = False):
     if adapter is not None:
         from peft import PeftModel
 
-        import melora  # noqa: F401  (registers the MELORA PEFT method)
+        import melora.tuner  # noqa: F401  (registers the MELORA PEFT method)
 
         base = PeftModel.from_pretrained(base, adapter)
         stats = _adapter_stats(base)
