@@ -49,7 +49,11 @@ def _fmt(value: float | None) -> str:
 def sweep_table(spec: StudySpec, plan: Plan) -> str:
     """Per task and method: the score at each learning rate of the tuning seed, the chosen one in bold."""
     lines = ["| task | method | " + "learning rate: score (tuning seed) | chosen |", "|---|---|---|---:|"]
+    waiting = []
     for (task, slug), scores in sorted(plan.sweeps.items()):
+        if all(value is None for value in scores.values()):
+            waiting.append(f"{task}/{spec.method(slug).label}")
+            continue
         chosen = plan.chosen.get((task, slug))
         cells = []
         for lr in sorted(scores):
@@ -62,6 +66,8 @@ def sweep_table(spec: StudySpec, plan: Plan) -> str:
             f"| {task} | {spec.method(slug).label} | {', '.join(cells)} | "
             f"{lr_text(chosen) + edge if chosen else 'pending'} |"
         )
+    if waiting:
+        lines += ["", f"Not started yet: {', '.join(waiting)}."]
     return "\n".join(lines)
 
 
