@@ -63,3 +63,15 @@ def test_missing_study_file_is_a_user_error(capsys, tmp_path):
 def test_debug_shows_the_traceback():
     with pytest.raises(ValueError, match="dropout=1.5"):
         main(["--debug", "glue", "--task", "rte", "--output-dir", "x", "--dropout", "1.5"])
+
+
+def test_a_bare_key_error_from_a_library_is_named_as_one(capsys, monkeypatch):
+    import melora.study.command as study_command
+
+    def lookup(args):
+        raise KeyError("MELORA")  # what a mapping lookup inside PEFT raises
+
+    monkeypatch.setattr(study_command, "main", lookup)
+    assert main(["study", "x.yaml"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("melora study: error: KeyError 'MELORA' (an unknown name inside a library")

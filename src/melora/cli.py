@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+        if isinstance(err, KeyError) and len(message.split()) <= 1:  # a bare lookup failure, not our message
+            message = f"KeyError {message!r} (an unknown name inside a library; --debug shows where)"
         print(f"melora {command}: error: {' '.join(message.split())}", file=sys.stderr)
         print("(rerun with --debug for the traceback)", file=sys.stderr)
         return 2
