@@ -47,8 +47,12 @@ def learning_rows(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]) -> li
             if not mine:
                 continue
             scores = [float(r["summary"][spec.metric_for(task)]) for r in mine]
-            baseline = float(mine[0].get("trivial_baseline", {}).get(name, math.nan))
-            num_eval = mine[0].get("num_eval_examples")
+            # the same for every run of a task; runs written before a field existed may lack it
+            baseline = next(
+                (float(r["trivial_baseline"][name]) for r in mine if name in r.get("trivial_baseline", {})),
+                math.nan,
+            )
+            num_eval = next((r["num_eval_examples"] for r in mine if r.get("num_eval_examples")), None)
             margin = (
                 clear_margin(name, baseline, int(num_eval)) if num_eval and not math.isnan(baseline) else None
             )
