@@ -268,6 +268,8 @@ def test_an_unfinished_run_resumes_only_from_a_whole_checkpoint_under_the_same_o
     first = fake_checkpoint(job.folder, 10)
     fake_checkpoint(job.folder, 20, whole=False)  # killed while saving: skipped
     assert resumable(spec, job) == str(first)
+    write_yaml_atomic(job.folder / RUN_PRESET, {**options, "threads": 2})  # rerun with more threads: same run
+    assert resumable(spec, job) == str(first)
     write_yaml_atomic(job.folder / RUN_PRESET, {**options, "epochs": 5})  # the study's budget changed
     assert resumable(spec, job) is None
     # a study that turns checkpoints off never resumes

@@ -29,6 +29,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
+from melora.records import NON_DEFINING
 from melora.study.plan import Job, Plan, is_done, plan_study
 from melora.study.spec import StudySpec, load_study
 
@@ -68,8 +69,9 @@ def checkpoint_folders(folder: Path) -> list[Path]:
 def resumable(spec: StudySpec, job: Job) -> str | None:
     """The checkpoint an unfinished attempt of ``job`` can continue from, or None to start over.
 
-    Only when the attempt's ``run.yaml`` equals the options the study gives the run now: a study file
-    edited since (another budget, batch size, ...) must not continue a run trained under the old one.
+    Only when the attempt's ``run.yaml`` defines the same run as the options the study gives it now
+    (:data:`~melora.records.NON_DEFINING` options such as threads may differ): a study file edited
+    since (another budget, batch size, ...) must not continue a run trained under the old one.
     """
     import yaml
 
@@ -82,7 +84,13 @@ def resumable(spec: StudySpec, job: Job) -> str | None:
         previous = yaml.safe_load(preset.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError):
         return None
-    if previous != run_options(spec, job) or not previous.get("resume"):
+    if not isinstance(previous, dict) or not previous.get("resume"):
+        return None
+
+    def defining(options: dict[str, Any]) -> dict[str, Any]:  # threads, eval batch, ... may change
+        return {k: v for k, v in options.items() if k not in NON_DEFINING}
+
+    if defining(previous) != defining(run_options(spec, job)):
         return None
     for folder in checkpoint_folders(job.folder):
         checkpoint = last_complete_checkpoint(folder)
