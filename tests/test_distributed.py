@@ -30,7 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "configs"
 ADAPTER = "adapter_model.safetensors"
 FP32_ATOL = 1e-5  # measured: 1.8e-7 (GLUE, FSDP2), 1.2e-7 (instruct, FSDP2), 3.3e-7 (GLUE, ZeRO-3)
-BF16_ATOL = 2e-3  # bf16 compute, fp32 adapter; measured 2.0e-4 on factors of size up to 0.35
+BF16_ATOL = (
+    5e-3  # bf16 compute, fp32 adapter, factors up to 0.35: measured 2.0e-4 on an AVX2 CPU, 3.1e-3 on an
+)
+# AVX512-BF16 one (native bf16 dot products round differently for batch 2 x 2 processes vs 4); the fp32
+# tests above hold gradient scaling to 1e-5
 
 
 def launch(config: str, argv: list[str], port: int, layer: str | None = None) -> str:
@@ -55,7 +59,10 @@ def assert_same_adapter(sharded: Path, single: Path, atol: float) -> dict[str, t
     for key in reference:
         assert ours[key].shape == reference[key].shape, key
         assert ours[key].dtype == torch.float32, key
-        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=atol, msg=key)
+        gap = (ours[key] - reference[key]).abs().max().item()
+        torch.testing.assert_close(
+            ours[key], reference[key], rtol=0, atol=atol, msg=f"{key}: max |diff| {gap:.3g}"
+        )
     assert any(v.abs().max() > 0 for k, v in reference.items() if "melora_B" in k), "B never left zero"
     return ours
 

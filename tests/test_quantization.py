@@ -42,8 +42,13 @@ class Backend:
 def _bnb(path: Path, **quant) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from melora.tuner.layer import keep_bnb_4bit_layout
+
     config = BitsAndBytesConfig(**quant)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu")
+    for module in model.modules():  # references (plain base, plain PEFT LoRA) in the layout MELoRA keeps
+        keep_bnb_4bit_layout(module)
+    return model
 
 
 def _torchao(path: Path) -> torch.nn.Module:
@@ -282,3 +287,25 @@ def test_n_that_does_not_divide_a_quantized_layer_names_it(backend, tiny_llama_d
         match=r"n=3 does not divide in_features=64 of model\.layers\.0\.self_attn\.q_proj .*use n in",
     ):
         get_peft_model(backend.load(tiny_llama_dir), config)
+
+
+def test_bnb_4bit_keeps_its_layout_after_an_eval_forward_so_merges_stay_exact(tiny_llama_dir):
+    """On AVX512-BF16 CPUs bitsandbytes repacks 4-bit weights in place during eval forwards; MELoRA stops it."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, quantization_config=config, device_map="cpu")
+    layer = base.model.layers[0].self_attn.q_proj
+    stored = layer.weight.data.clone()
+    with torch.no_grad():
+        base.eval()(input_ids=_ids())  # where bnb would repack (AVX512-BF16 CPUs only)
+    model = _melora(base, init_weights=False)
+    assert layer.support_avx512bf16_for_cpu is False
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(layer.weight.data, stored)  # a repacking, if there was one, was undone
+    with torch.no_grad():
+        model.eval()(input_ids=_ids())
+    assert torch.equal(layer.weight.data, stored)

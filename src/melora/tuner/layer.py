@@ -38,6 +38,27 @@ def quantization_backend(
         return ForwardOnlyQuantizationBackend("torchao (quantized outside transformers)")
 
 
+def keep_bnb_4bit_layout(base_layer: nn.Module) -> None:
+    """Stop bitsandbytes from repacking a 4-bit weight in place on CPUs with AVX512-BF16; undo a repacking.
+
+    On such CPUs ``Linear4bit.forward`` in eval mode without grad rewrites ``weight.data`` and its quant
+    state into a CPU-only packed layout (bf16 compute; the round trip back is lossy). PEFT's dequantise /
+    requantise, which merge, unmerge and export read, expects the standard layout, and training after
+    such an evaluation did not move the loss (bitsandbytes 0.50.2). Under MELoRA every 4-bit layer of
+    the model keeps the standard layout on every CPU: the same numbers on every machine, at the cost
+    of bnb's packed CPU inference kernel.
+    """
+    weight = getattr(base_layer, "weight", None)
+    if not hasattr(base_layer, "support_avx512bf16_for_cpu") or weight is None:
+        return
+    base_layer.support_avx512bf16_for_cpu = False
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
 def _features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
     """(in_features, out_features) of a Linear, a transformers Conv1D or a quantized linear layer."""
     if isinstance(base_layer, nn.Linear):  # also bitsandbytes' Linear4bit / Linear8bitLt and torchao's
@@ -85,6 +106,7 @@ class MELoRALayer(BaseTunerLayer):
     ) -> None:
         self.base_layer = base_layer
         self.module_name = module_name
+        keep_bnb_4bit_layout(self.get_base_layer())
         # torchao needs get_apply_tensor_subclass (from transformers' TorchAoConfig) to requantise after a merge
         self.quantization_backend = quantization_backend(self.get_base_layer(), get_apply_tensor_subclass)
         self.r: dict[str, int] = {}

@@ -135,6 +135,10 @@ class MELoRAModel(BaseTuner):
         )
 
     def inject_adapter(self, model: torch.nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        from melora.tuner.layer import keep_bnb_4bit_layout
+
+        for module in model.modules():  # every bnb 4-bit layer, targeted or not (see keep_bnb_4bit_layout)
+            keep_bnb_4bit_layout(module)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         self._warn_unmatched_patterns(model, adapter_name)
 
