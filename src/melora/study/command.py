@@ -279,6 +279,15 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
         else:
             state = "to run"
         lines.append(f"{state:22s} {job.name}")
+    from melora.study.learning import time_to_go
+
+    togo = time_to_go(plan, plan.pending(is_done))
+    if togo and togo["runs"]:
+        lines.append(
+            f"{togo['runs']} runs to go: about {togo['run_hours']:.1f} run-hours, "
+            f"{togo['run_hours'] / spec.workers:.1f} h on {spec.workers} workers "
+            "(at the mean wall time of finished runs of the same task and method kind)"
+        )
     waiting = [f"{t}/{s}" for (t, s) in plan.sweeps if (t, s) not in plan.chosen]
     if waiting:
         lines.append(f"(learning rate still being tuned for {', '.join(waiting)}: more runs may follow)")

@@ -121,14 +121,44 @@ def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]
     return True
 
 
-def compute_spent(plan: Plan) -> dict[str, float]:
-    """Runs finished and their summed wall time (each run used ``threads_per_worker`` cores)."""
+def _wall_times(plan: Plan) -> dict[tuple[str, str], list[float]]:
+    """Each finished run's wall time in seconds (0 where it was not recorded), by (task, method kind)."""
     import json
 
-    seconds, count = 0.0, 0
+    times: dict[tuple[str, str], list[float]] = {}
     for job in plan.jobs:
         if job.results.is_file():
             data = json.loads(job.results.read_text(encoding="utf-8"))
-            seconds += float(data.get("wall_time_s") or 0.0)
-            count += 1
-    return {"runs": count, "run_hours": seconds / 3600}
+            key = (job.task, job.slug.split("-")[0])
+            times.setdefault(key, []).append(float(data.get("wall_time_s") or 0.0))
+    return times
+
+
+def compute_spent(plan: Plan) -> dict[str, float]:
+    """Runs finished and their summed wall time (each run used ``threads_per_worker`` cores)."""
+    times = _wall_times(plan)
+    return {"runs": sum(map(len, times.values())), "run_hours": sum(map(sum, times.values())) / 3600}
+
+
+def time_to_go(plan: Plan, pending: list) -> dict[str, float] | None:
+    """Run-hours the ``pending`` jobs will take, at the mean wall time of finished runs like them.
+
+    A job is priced by the finished runs of its task and method kind (full fine-tuning costs more
+    than an adapter), else of its task, else of all tasks; None before any run has finished.
+    Only known jobs count: a sweep still being tuned may add runs.
+    """
+    times = {key: [t for t in values if t > 0] for key, values in _wall_times(plan).items()}
+    times = {key: values for key, values in times.items() if values}
+    if not times:
+        return None
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    overall = mean([t for values in times.values() for t in values])
+    seconds = 0.0
+    for job in pending:
+        same = times.get((job.task, job.slug.split("-")[0]))
+        task = [t for (name, _), values in times.items() if name == job.task for t in values]
+        seconds += mean(same) if same else mean(task) if task else overall
+    return {"runs": len(pending), "run_hours": seconds / 3600}

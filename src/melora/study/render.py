@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from melora.report import aggregate, cell_text, load_run, plot_score_vs_params
-from melora.study.plan import Plan, lr_text, read_metric
+from melora.study.plan import Plan, is_done, lr_text, read_metric
 from melora.study.spec import StudySpec
 from melora.study.stats import paired_difference
 
@@ -191,14 +191,20 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
     from melora.report import markdown_tables
 
     figures = spec.root / "figures"
-    from melora.study.learning import compute_spent
+    from melora.study.learning import compute_spent, time_to_go
 
     spent = compute_spent(plan)
+    togo = time_to_go(plan, plan.pending(is_done))
+    ahead = (
+        f" {togo['runs']} known runs to go, about {togo['run_hours']:.1f} run-hours at the measured run times."
+        if togo and togo["runs"]
+        else ""
+    )
     sections = [
         f"# Study {spec.name}",
         "",
         f"Study file: `{spec.source}`; runs under `{spec.root}`. {spent['runs']} runs finished, "
-        f"{spent['run_hours']:.1f} run-hours ({spec.workers} workers x {spec.threads_per_worker} threads).",
+        f"{spent['run_hours']:.1f} run-hours ({spec.workers} workers x {spec.threads_per_worker} threads).{ahead}",
         "",
     ]
     runs = chosen_runs(spec, plan)
@@ -206,6 +212,7 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         "study": spec.name,
         "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
         "compute": spent,
+        "to_go": togo,
     }
     if runs:
         metric_keys = "|".join(sorted({re.escape(spec.metric_for(t)) for t in spec.tasks}))
