@@ -376,23 +376,23 @@ def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
 
 
 def test_time_to_go_prices_each_run_by_finished_runs_like_it(tmp_path):
-    from melora.study.learning import compute_spent, time_to_go
+    from melora.study.learning import compute_spent, time_to_go, wall_times
 
     spec = parse_study(study(tmp_path, tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}},
                              methods=[{"method": "lora", "r": 8}, {"method": "full"}],
                              lr_grid={"lora": [1e-3, 3e-3], "full": [1e-5, 3e-5]}, compare=[]))  # fmt: skip
     jobs = {job.name: job for job in plan_study(spec).jobs}
-    assert time_to_go(plan_study(spec), list(jobs.values())) is None  # nothing measured yet
+    assert time_to_go(wall_times(plan_study(spec)), list(jobs.values())) is None  # nothing measured yet
     finish(jobs["rte/lora-r8/lr0.001/seed0"], 0.6, details={"wall_time_s": 600.0})
     finish(jobs["rte/lora-r8/lr0.003/seed0"], 0.6, details={"wall_time_s": 1200.0})
     finish(jobs["rte/full/lr1e-05/seed0"], 0.6, details={"wall_time_s": 3600.0})
     plan = plan_study(spec)
-    assert compute_spent(plan) == {"runs": 3, "run_hours": 5400 / 3600}
+    assert compute_spent(wall_times(plan)) == {"runs": 3, "run_hours": 5400 / 3600}
     pending = [
         jobs["rte/full/lr3e-05/seed0"],
         next(j for j in plan.jobs if j.task == "mrpc" and j.slug == "lora-r8"),
     ]
     # rte/full: the one full run (3600 s); mrpc/lora: no mrpc run yet, so rte's mean (1800 s)
-    assert time_to_go(plan, pending) == {"runs": 2, "run_hours": (3600 + 1800) / 3600}
+    assert time_to_go(wall_times(plan), pending) == {"runs": 2, "run_hours": (3600 + 1800) / 3600}
     line = next(x for x in describe_plan(spec, plan).splitlines() if "runs to go" in x)
     assert line.split(":")[0] == f"{len([j for j in plan.jobs if not j.results.is_file()])} runs to go"

@@ -279,9 +279,9 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
         else:
             state = "to run"
         lines.append(f"{state:22s} {job.name}")
-    from melora.study.learning import time_to_go
+    from melora.study.learning import time_to_go, wall_times
 
-    togo = time_to_go(plan, plan.pending(is_done))
+    togo = time_to_go(wall_times(plan), plan.pending(is_done))
     if togo and togo["runs"]:
         lines.append(
             f"{togo['runs']} runs to go: about {togo['run_hours']:.1f} run-hours, "

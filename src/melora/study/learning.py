@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from melora.study.plan import Plan
+from melora.study.plan import Job, Plan
 from melora.study.spec import StudySpec
 
 CORRELATIONS = ("mcc", "pearson", "spearman")
@@ -121,44 +121,48 @@ def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]
     return True
 
 
-def _wall_times(plan: Plan) -> dict[tuple[str, str], list[float]]:
-    """Each finished run's wall time in seconds (0 where it was not recorded), by (task, method kind)."""
+def wall_times(plan: Plan) -> dict[Job, float]:
+    """Each finished job's wall time in seconds (0 where it was not recorded), read once for the report."""
     import json
 
-    times: dict[tuple[str, str], list[float]] = {}
+    times = {}
     for job in plan.jobs:
         if job.results.is_file():
             data = json.loads(job.results.read_text(encoding="utf-8"))
-            key = (job.task, job.slug.split("-")[0])
-            times.setdefault(key, []).append(float(data.get("wall_time_s") or 0.0))
+            times[job] = float(data.get("wall_time_s") or 0.0)
     return times
 
 
-def compute_spent(plan: Plan) -> dict[str, float]:
+def compute_spent(times: dict[Job, float]) -> dict[str, float]:
     """Runs finished and their summed wall time (each run used ``threads_per_worker`` cores)."""
-    times = _wall_times(plan)
-    return {"runs": sum(map(len, times.values())), "run_hours": sum(map(sum, times.values())) / 3600}
+    return {"runs": len(times), "run_hours": sum(times.values()) / 3600}
 
 
-def time_to_go(plan: Plan, pending: list) -> dict[str, float] | None:
-    """Run-hours the ``pending`` jobs will take, at the mean wall time of finished runs like them.
+# How alike two jobs are, most alike first: a pending job is priced at the mean of the finished jobs
+# that share its key at the first level that has any (full fine-tuning costs more than an adapter; an
+# evaluation is not a training run).
+_LIKENESS = (
+    lambda job: (job.kind, job.task, job.slug.split("-")[0]),
+    lambda job: (job.kind, job.task),
+    lambda job: job.kind,
+    lambda job: None,
+)
 
-    A job is priced by the finished runs of its task and method kind (full fine-tuning costs more
-    than an adapter), else of its task, else of all tasks; None before any run has finished.
+
+def time_to_go(times: dict[Job, float], pending: list[Job]) -> dict[str, float] | None:
+    """Run-hours the ``pending`` jobs will take, at the mean wall time of finished jobs like them.
+
+    ``times`` is :func:`wall_times`; None before any finished job has a recorded wall time.
     Only known jobs count: a sweep still being tuned may add runs.
     """
-    times = {key: [t for t in values if t > 0] for key, values in _wall_times(plan).items()}
-    times = {key: values for key, values in times.items() if values}
-    if not times:
+    measured = {job: t for job, t in times.items() if t > 0}
+    if not measured:
         return None
-
-    def mean(values: list[float]) -> float:
-        return sum(values) / len(values)
-
-    overall = mean([t for values in times.values() for t in values])
-    seconds = 0.0
-    for job in pending:
-        same = times.get((job.task, job.slug.split("-")[0]))
-        task = [t for (name, _), values in times.items() if name == job.task for t in values]
-        seconds += mean(same) if same else mean(task) if task else overall
+    means = []
+    for key in _LIKENESS:
+        groups: dict[Any, list[float]] = {}
+        for job, t in measured.items():
+            groups.setdefault(key(job), []).append(t)
+        means.append({k: sum(v) / len(v) for k, v in groups.items()})
+    seconds = sum(next(m[key(job)] for key, m in zip(_LIKENESS, means) if key(job) in m) for job in pending)
     return {"runs": len(pending), "run_hours": seconds / 3600}

@@ -191,10 +191,11 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
     from melora.report import markdown_tables
 
     figures = spec.root / "figures"
-    from melora.study.learning import compute_spent, time_to_go
+    from melora.study.learning import compute_spent, time_to_go, wall_times
 
-    spent = compute_spent(plan)
-    togo = time_to_go(plan, plan.pending(is_done))
+    times = wall_times(plan)
+    spent = compute_spent(times)
+    togo = time_to_go(times, plan.pending(is_done))
     ahead = (
         f" {togo['runs']} known runs to go, about {togo['run_hours']:.1f} run-hours at the measured run times."
         if togo and togo["runs"]
