@@ -396,3 +396,28 @@ def test_time_to_go_prices_each_run_by_finished_runs_like_it(tmp_path):
     assert time_to_go(wall_times(plan), pending) == {"runs": 2, "run_hours": (3600 + 1800) / 3600}
     line = next(x for x in describe_plan(spec, plan).splitlines() if "runs to go" in x)
     assert line.split(":")[0] == f"{len([j for j in plan.jobs if not j.results.is_file()])} runs to go"
+
+
+def test_only_runs_the_matching_runs_and_the_extensions_they_make_due(tmp_path, monkeypatch):
+    """``--only 'rte/lora-r8/*'``: LoRA's grid at seed 0, its edge extension, then its seeds; nothing else."""
+    import melora.study.command as command
+
+    spec = parse_study(study(tmp_path, tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}}))
+    executed = []
+
+    def fake_execute(spec, job):  # the best lr is the lowest: the grid extends down once per pass
+        executed.append(job.name)
+        finish(job, 1.0 - job.lr)
+        return 0
+
+    monkeypatch.setattr(command, "execute", fake_execute)
+    plan, failed = command.run_study(spec, progress=False, only=["rte/lora-r8/*"])
+    assert failed == []
+    assert all(name.startswith("rte/lora-r8/") for name in executed)
+    lrs = sorted({float(name.split("/")[2][2:]) for name in executed})
+    assert lrs == [1.11e-4, 3.33e-4, 1e-3, 3e-3]  # the grid plus two extensions (extend: 2, 3 digits)
+    seeds = sorted(name.split("/")[3] for name in executed if not name.endswith("seed0"))
+    assert seeds == ["seed1", "seed2"]  # the other seeds at the chosen lr (the edge after the limit)
+    assert not any(j.results.is_file() for j in plan.jobs if not j.name.startswith("rte/lora-r8/"))
+    with pytest.raises(UserError, match=r"--only 'rte/lora-r9/\*' matches no run of study 't'"):
+        command.run_study(spec, progress=False, only=["rte/lora-r9/*"])

@@ -14,6 +14,7 @@ written to ``<root>/report.md``, ``<root>/summary.json`` and ``<root>/figures/``
     melora study configs/studies/glue_minilm.yaml            # run / resume, then report
     melora study configs/studies/glue_minilm.yaml --plan     # list the runs and their state
     melora study configs/studies/glue_minilm.yaml --report-only
+    melora study configs/studies/glue_minilm.yaml --only 'rte/full/*'   # just these runs first
 """
 
 from __future__ import annotations
@@ -204,13 +205,39 @@ def _ready(job: Job) -> bool:
     )
 
 
-def run_study(spec: StudySpec, progress: bool = True) -> tuple[Plan, list[str]]:
-    """Run every missing job of ``spec`` (re-planning as runs finish); returns the final plan and failures."""
+def selected(job: Job, only: list[str] | None) -> bool:
+    """Whether ``job``'s name (``rte/full/lr3e-05/seed0``) matches one of the ``--only`` patterns."""
+    from fnmatch import fnmatchcase
+
+    return only is None or any(fnmatchcase(job.name, pattern) for pattern in only)
+
+
+def check_only(spec: StudySpec, plan: Plan, only: list[str] | None) -> None:
+    """Every ``--only`` pattern must name at least one run of the plan (a typo runs nothing)."""
+    from melora.args import UserError
+
+    for pattern in only or []:
+        if not any(selected(job, [pattern]) for job in plan.jobs):
+            raise UserError(
+                f"--only {pattern!r} matches no run of study {spec.name!r}; run names look like "
+                f"{plan.jobs[0].name if plan.jobs else 'task/method/lr/seed'} (`--plan` lists them all)."
+            )
+
+
+def run_study(
+    spec: StudySpec, progress: bool = True, only: list[str] | None = None
+) -> tuple[Plan, list[str]]:
+    """Run every missing job of ``spec`` (re-planning as runs finish); returns the final plan and failures.
+
+    With ``only`` (glob patterns on run names), just the matching runs, in plan order: a grid
+    extension or a seed that becomes due while they run is run too when it matches.
+    """
     from tqdm.auto import tqdm
 
     failed: set[str] = set()
     running: dict[Future, Job] = {}
     plan = plan_study(spec)
+    check_only(spec, plan, only)
     done = sum(is_done(j) for j in plan.jobs)
     bar = tqdm(
         total=len(plan.jobs), initial=done, desc=f"study {spec.name}", unit="run", disable=not progress
@@ -223,7 +250,11 @@ def run_study(spec: StudySpec, progress: bool = True) -> tuple[Plan, list[str]]:
             todo = [
                 j
                 for j in plan.pending(is_done)
-                if j.name not in active and j.name not in failed and _ready(j) and not running_elsewhere(j)
+                if j.name not in active
+                and j.name not in failed
+                and selected(j, only)
+                and _ready(j)
+                and not running_elsewhere(j)
             ]
             for job in todo[: spec.workers - len(running)]:
                 logger.info("start %s", job.name)
@@ -308,7 +339,7 @@ def main(args: argparse.Namespace) -> int:
     if args.report_only:
         plan = plan_study(spec)
     else:
-        plan, failed = run_study(spec, progress=not args.no_progress)
+        plan, failed = run_study(spec, progress=not args.no_progress, only=args.only)
     report = write_report(spec, plan)
     print(f"report: {report} ({time.time() - start:.0f} s)")
     if failed:
@@ -333,5 +364,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="override the study's parallel runs")
     parser.add_argument("--threads-per-worker", type=int, default=None, help="override torch threads per run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="PATTERN",
+        help="run only the runs whose name matches this glob, e.g. 'rte/full/*' (repeatable); then report",
+    )
     parser.set_defaults(func=main)
     return parser
