@@ -75,3 +75,28 @@ def test_a_bare_key_error_from_a_library_is_named_as_one(capsys, monkeypatch):
     assert main(["study", "x.yaml"]) == 2
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("melora study: error: KeyError 'MELORA' (an unknown name inside a library")
+
+
+def test_a_launched_run_destroys_its_process_group_after_success_only(monkeypatch, tmp_path):
+    """gloo groups left to the interpreter's exit can abort a rank; after an error they must stay."""
+    import torch.distributed as dist
+
+    import melora.study.command as study_command
+
+    def opens_a_group(fails: bool):
+        def command(args):
+            store = dist.FileStore(str(tmp_path / f"store-{fails}"), 1)
+            dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+            if fails:
+                raise ValueError("bad flag")
+            return 0
+
+        return command
+
+    monkeypatch.setattr(study_command, "main", opens_a_group(fails=False))
+    assert main(["study", "x.yaml"]) == 0
+    assert not dist.is_initialized()
+    monkeypatch.setattr(study_command, "main", opens_a_group(fails=True))
+    assert main(["study", "x.yaml"]) == 2
+    assert dist.is_initialized()  # another rank may still be in a collective: no destroy
+    dist.destroy_process_group()

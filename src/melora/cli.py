@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser(command).parse_args(argv)
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except USER_ERRORS as err:
         if debug:
             raise
@@ -78,6 +78,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"melora {command}: error: {' '.join(message.split())}", file=sys.stderr)
         print("(rerun with --debug for the traceback)", file=sys.stderr)
         return 2
+    close_process_group()
+    return status
+
+
+def close_process_group() -> None:
+    """Destroy the process group a launched run (``accelerate launch``, ``torchrun``) opened.
+
+    Neither the Trainer nor accelerate does: a gloo group left to the interpreter's exit can abort the
+    process ("terminate called without an active exception", SIGABRT) while its worker threads still
+    hold tensors. Called only after the command succeeded on this rank: after an error another rank
+    may still be inside a collective, and destroying the group would hang it.
+    """
+    dist = sys.modules.get("torch.distributed")  # never imports torch for a command that did not
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
