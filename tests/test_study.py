@@ -421,3 +421,39 @@ def test_only_runs_the_matching_runs_and_the_extensions_they_make_due(tmp_path, 
     assert not any(j.results.is_file() for j in plan.jobs if not j.name.startswith("rte/lora-r8/"))
     with pytest.raises(UserError, match=r"--only 'rte/lora-r9/\*' matches no run of study 't'"):
         command.run_study(spec, progress=False, only=["rte/lora-r9/*"])
+
+
+def test_n_ablation_table_and_plot_cover_only_the_tasks_it_ran_with_the_tuning_seed_score(tmp_path):
+    ablation = [{"method": "melora", "r": 1, "n": n, "seeds": [0], "tasks": ["rte"]} for n in (1, 2, 4)]
+    spec = parse_study(
+        study(
+            tmp_path,
+            tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}},
+            methods=[{"method": "lora", "r": 8}, {"method": "melora", "r": 1, "n": 8}, *ablation],
+            seeds=[0, 1],
+            lr_grid={"lora": [1e-3], "melora": [1e-3, 3e-3]},
+            tune={"extend": 0},
+        )
+    )
+    # score = base(n) + lr bonus (3e-3 wins for n=1, 1e-3 for the rest) + 0.01 per seed
+    base = {
+        "melora-r1-n1": 0.70,
+        "melora-r1-n2": 0.66,
+        "melora-r1-n4": 0.64,
+        "melora-r1-n8": 0.62,
+        "lora-r8": 0.75,
+    }
+    for _ in range(2):
+        for job in plan_study(spec).pending(is_done):
+            bonus = 0.02 if (job.lr == 3e-3) == (job.slug == "melora-r1-n1") else 0.0
+            finish(job, base[job.slug] + bonus + 0.01 * job.seed, metric=f"{job.task}/accuracy_best")
+    text, summary = render_study(spec, plan_study(spec))
+    rows = summary["n_ablation"]
+    assert [(row["task"], row["n"]) for row in rows] == [("rte", 1), ("rte", 2), ("rte", 4), ("rte", 8)]
+    assert [row["lr"] for row in rows] == [3e-3, 1e-3, 1e-3, 1e-3]
+    assert [row["score"] for row in rows] == pytest.approx([0.72, 0.68, 0.66, 0.64])
+    assert rows[3]["seeds"] == pytest.approx({"0": 0.64, "1": 0.65})  # n=8 has the main pair's seeds
+    assert "| rte | rte/accuracy_best | 1 | 1 | 0.003 | **0.7200** | s0: 0.7200 |" in text
+    assert "| rte | rte/accuracy_best | 1 | 2 | 0.001 | 0.6800 | s0: 0.6800 |" in text
+    assert "| mrpc | mrpc/accuracy_best | 1 | 8 |" not in text  # only n=8 ran on MRPC: no ablation there
+    assert (spec.root / "figures" / "n_ablation.png").stat().st_size > 1000

@@ -4,7 +4,7 @@ The tables and the score-vs-parameters plot come from :mod:`melora.report` (the 
 ``melora report``), over the runs at each method's chosen learning rate. Added here: the
 learning-rate sweep per task and method with the chosen point marked, the paired per-seed
 comparisons with 95% intervals and a verdict sentence each, and a plot of the n ablation when the
-study has one; for GLUE studies, each method against its task's trivial baseline and the learning
+study has one (:mod:`melora.study.ablation`); for GLUE studies, each method against its task's trivial baseline and the learning
 curves (:mod:`melora.study.learning`).
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from melora.report import aggregate, cell_text, load_run, plot_score_vs_params
+from melora.study.ablation import ablation_rows, ablation_table, plot_n_ablation
 from melora.study.plan import Plan, is_done, lr_text, read_metric
 from melora.study.spec import StudySpec
 from melora.study.stats import paired_difference
@@ -149,43 +150,6 @@ def plot_sweeps(spec: StudySpec, plan: Plan, path: Path) -> None:
     save(fig, path)
 
 
-def plot_n_ablation(spec: StudySpec, plan: Plan, path: Path) -> bool:
-    """Score vs n for MELoRA methods sharing r (when the study has >= 3 values of n); False if none."""
-    from melora.study.figures import label_panel, save, task_panels
-
-    by_r: dict[int, list] = {}
-    for entry in spec.methods:
-        if entry.adapter.method == "melora":
-            by_r.setdefault(entry.adapter.r, []).append(entry)
-    series = {r: entries for r, entries in by_r.items() if len({e.adapter.n for e in entries}) >= 3}
-    if not series:
-        return False
-    tasks = list(spec.tasks)
-    fig, axes = task_panels(len(tasks))
-    plotted = False
-    for ax, task in zip(axes, tasks):
-        metric = spec.metric_for(task)
-        for r, entries in series.items():
-            xs, means, stds = [], [], []
-            for entry in sorted(entries, key=lambda e: e.adapter.n):
-                values = list(per_seed(spec, plan, task, entry.slug, metric).values())
-                if values:
-                    mean = sum(values) / len(values)
-                    std = (
-                        math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-                        if len(values) > 1
-                        else 0
-                    )
-                    xs.append(entry.adapter.n), means.append(mean), stds.append(std)
-            if len(xs) >= 2:
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=f"MELoRA r={r}")
-                plotted = True
-        ax.set_xscale("log", base=2)
-        label_panel(ax, f"{task}: {metric.split('/')[-1]}", "n (mini LoRAs)")
-    save(fig, path if plotted else None)
-    return plotted
-
-
 def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
     """The study report (markdown) and its JSON summary; figures are written under ``<root>/figures``."""
     from melora.report import markdown_tables
@@ -238,8 +202,12 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         sections += ["## Learning-rate sweeps (chosen point in bold)", "", sweep_table(spec, plan), ""]
         plot_sweeps(spec, plan, figures / "lr_sweeps.png")
         sections += ["![learning-rate sweeps](figures/lr_sweeps.png)", ""]
-    if plot_n_ablation(spec, plan, figures / "n_ablation.png"):
-        sections += ["## The n ablation", "", "![score vs n](figures/n_ablation.png)", ""]
+    ablation = ablation_rows(spec, plan)
+    if ablation:
+        sections += ["## The n ablation (same r, n varied)", "", ablation_table(spec, ablation), ""]
+        if plot_n_ablation(spec, plan, ablation, figures / "n_ablation.png"):
+            sections += ["![score vs n](figures/n_ablation.png)", ""]
+        summary["n_ablation"] = ablation
     rows = comparisons(spec, plan)
     if rows:
         sections += ["## Paired comparisons (same seeds)", "", comparison_table(spec, rows), ""]
