@@ -42,6 +42,12 @@ def study(tmp_path, **overrides) -> dict:
     return data
 
 
+def instruct_study(tmp_path, **overrides) -> dict:
+    """A one-method (MELoRA) instruct study, no comparisons."""
+    base = {"runner": "instruct", "tasks": {"instruct": {}}, "methods": [{"method": "melora"}], "compare": []}
+    return study(tmp_path, **{**base, **overrides})
+
+
 def finish(job, value: float, metric: str = "rte/accuracy_best", params: int = 1000, details=None) -> None:
     """Write a results.json for ``job`` as the runner would (only the fields the study reads)."""
     slug = job.slug
@@ -113,15 +119,7 @@ def test_runs_start_with_the_main_comparison_on_every_task_then_the_other_method
 
 def test_extension_stops_at_the_limit_and_lower_is_better_for_losses(tmp_path):
     spec = parse_study(
-        study(
-            tmp_path,
-            runner="instruct",
-            tasks={"instruct": {}},
-            methods=[{"method": "melora"}],
-            compare=[],
-            lr_grid={"melora": [1e-3, 3e-3]},
-            tune={"extend": 1, "factor": 10},
-        )  # fmt: skip
+        instruct_study(tmp_path, lr_grid={"melora": [1e-3, 3e-3]}, tune={"extend": 1, "factor": 10})
     )
     assert spec.metric_for("instruct") == "instruct/heldout_loss"
     for _ in range(3):
@@ -457,3 +455,26 @@ def test_n_ablation_table_and_plot_cover_only_the_tasks_it_ran_with_the_tuning_s
     assert "| rte | rte/accuracy_best | 1 | 2 | 0.001 | 0.6800 | s0: 0.6800 |" in text
     assert "| mrpc | mrpc/accuracy_best | 1 | 8 |" not in text  # only n=8 ran on MRPC: no ablation there
     assert (spec.root / "figures" / "n_ablation.png").stat().st_size > 1000
+
+
+def test_a_finished_run_without_its_adapter_is_retrained_before_its_evaluation(tmp_path):
+    from melora.study.command import retrain_lost_adapters
+
+    spec = parse_study(
+        instruct_study(tmp_path, seeds=[0, 1], lr_grid={"melora": [1e-3]}, eval={"tasks": ["mmlu"]})
+    )
+    for job in plan_study(spec).pending(is_done):
+        if job.kind == "train":
+            finish(job, 2.0, metric="instruct/heldout_loss")
+    kept, lost = (job.folder for job in plan_study(spec).jobs if job.kind == "train")
+    (kept / "adapter").mkdir()  # seed 0 still has its adapter (same machine); seed 1 is a fresh clone's
+    assert retrain_lost_adapters(plan_study(spec), only=["*/seed0/eval"]) == []  # --only: seed 1 untouched
+    assert (lost / "results.json").is_file()
+    assert retrain_lost_adapters(plan_study(spec)) == ["instruct/melora-r1-n8/lr0.001/seed1"]
+    assert (kept / "results.json").is_file() and not (lost / "results.json").exists()
+    pending = [job.name for job in plan_study(spec).pending(is_done)]
+    assert pending == [
+        "instruct/melora-r1-n8/lr0.001/seed0/eval",
+        "instruct/melora-r1-n8/lr0.001/seed1",
+        "instruct/melora-r1-n8/lr0.001/seed1/eval",
+    ]

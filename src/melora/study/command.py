@@ -198,6 +198,27 @@ def execute(spec: StudySpec, job: Job) -> int:
         (job.folder / LOCK).unlink(missing_ok=True)
 
 
+def retrain_lost_adapters(plan: Plan, only: list[str] | None = None) -> list[str]:
+    """Unfinished evaluations whose finished training run has no adapter on disk (git keeps a run's
+    results.json but not its adapter, so a fresh clone has the one without the other): drop that
+    run's results.json so the study retrains it, with the same options and seed, before evaluating.
+    Returns the names of the runs sent back."""
+    sent_back = []
+    for job in plan.pending(is_done):
+        train = job.folder.parent
+        if job.kind != "eval" or not selected(job, only) or not (train / "results.json").is_file():
+            continue
+        if not any((train / name).exists() for name in ("adapter", "model")):
+            logger.warning(
+                "%s: its run has results.json but no adapter/ or model/ to evaluate (not kept in git): "
+                "retraining the run first",
+                job.name,
+            )
+            (train / "results.json").unlink()
+            sent_back.append(job.name.removesuffix("/eval"))
+    return sent_back
+
+
 def _ready(job: Job) -> bool:
     """An evaluation waits for its training run."""
     return job.kind != "eval" or is_done(
@@ -238,6 +259,8 @@ def run_study(
     running: dict[Future, Job] = {}
     plan = plan_study(spec)
     check_only(spec, plan, only)
+    if retrain_lost_adapters(plan, only):
+        plan = plan_study(spec)
     done = sum(is_done(j) for j in plan.jobs)
     bar = tqdm(
         total=len(plan.jobs), initial=done, desc=f"study {spec.name}", unit="run", disable=not progress
