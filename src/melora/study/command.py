@@ -7,7 +7,8 @@ running the same command again: finished runs are skipped, and an unfinished one
 last complete epoch checkpoint (``save_strategy: epoch`` unless the study sets another; resumed only
 when its ``run.yaml`` still matches the study, otherwise it starts over). A run's checkpoints are
 deleted once it has finished. A run being executed by another live study process
-(``<run>/.running`` holds its pid) is left alone.
+(``<run>/.running`` holds its pid) is left alone. A finished run whose evaluation is still due but
+whose adapter is gone (a fresh clone: git keeps results.json, not adapters) is trained again first.
 After the last run (and with ``--report-only`` at any time) the report, its JSON and figures are
 written to ``<root>/report.md``, ``<root>/summary.json`` and ``<root>/figures/``.
 
