@@ -3,9 +3,9 @@
 The tables and the score-vs-parameters plot come from :mod:`melora.report` (the same code as
 ``melora report``), over the runs at each method's chosen learning rate. Added here: the
 learning-rate sweep per task and method with the chosen point marked, the paired per-seed
-comparisons with 95% intervals and a verdict sentence each, and a plot of the n ablation when the
-study has one (:mod:`melora.study.ablation`); for GLUE studies, each method against its task's trivial baseline and the learning
-curves (:mod:`melora.study.learning`).
+comparisons with 95% intervals and a verdict sentence each, and the n ablation's table and plot when
+the study has one (:mod:`melora.study.ablation`); for GLUE studies, each method against its task's
+trivial baseline and the learning curves (:mod:`melora.study.learning`).
 """
 
 from __future__ import annotations
