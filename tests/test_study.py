@@ -478,3 +478,48 @@ def test_a_finished_run_without_its_adapter_is_retrained_before_its_evaluation(t
         "instruct/melora-r1-n8/lr0.001/seed1",
         "instruct/melora-r1-n8/lr0.001/seed1/eval",
     ]
+
+
+def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_the_reference(tmp_path):
+    from melora.study.command import command_for
+
+    spec = parse_study(
+        instruct_study(
+            tmp_path, seeds=[0, 1], lr_grid={"melora": [1e-3]}, base={"model": "tiny"},
+            eval={"tasks": ["mmlu"], "base": True},
+        )
+    )  # fmt: skip
+    jobs = plan_study(spec).jobs
+    assert [job.name for job in jobs][-1] == "instruct/base/eval"  # after every run and its evaluation
+    base, evaluation = jobs[-1], next(job for job in jobs if job.kind == "eval")
+    argv = command_for(spec, base)
+    assert argv[:3] == ["eval", "--model", "tiny"] and "--adapter" not in argv
+    assert argv[argv.index("--label") + 1] == "base (untuned)"
+    assert command_for(spec, evaluation)[3:5] == ["--adapter", str(evaluation.folder.parent)]
+    assert base.folder == spec.root / "instruct" / "base" / "eval"
+    base.folder.mkdir(parents=True)
+    (base.folder / ".running").write_text(str(os.getppid()))  # a live process other than this one
+    states = [line.split() for line in describe_plan(spec, plan_study(spec)).splitlines()]
+    assert ["running", base.name] in states
+    (base.folder / ".running").unlink()
+    for job in plan_study(spec).pending(is_done):
+        if job.kind == "train":  # only seed 0 measured the untuned model's loss (eval_base)
+            details = {"heldout_loss_base": 2.5} if job.seed == 0 else {}
+            RunRecord("instruct", "melora r=1 n=8", job.slug, "melora", {"instruct/heldout_loss": 2.0 + job.seed},
+                      seed=job.seed, task="instruct", config={"lr": job.lr, "eval_base": job.seed == 0},
+                      trainable_params=500, details=details).write(job.folder)  # fmt: skip
+        else:
+            untuned = job.kind == "base"
+            label, params = ("base (untuned)", 0) if untuned else ("melora r=1 n=8", 500)
+            RunRecord("eval", label, job.slug, job.slug.split("-")[0], {"mmlu/acc": 0.3 if untuned else 0.4 + 0.1 * job.seed},
+                      seed=None if untuned else job.seed, task="eval", trainable_params=params,
+                      details={"complete": True}).write(job.folder)  # fmt: skip
+    plan = plan_study(spec)
+    assert not plan.pending(is_done)
+    text, summary = render_study(spec, plan)
+    assert summary["base_heldout_loss"] == {"mean": 2.5, "min": 2.5, "max": 2.5, "runs": 1}
+    assert "Untuned model (the reference every run should beat): held-out loss 2.5000" in text
+    assert "## Evaluations of the chosen runs and of the untuned model" in text
+    assert "| base (untuned) | 0 | 0.300 (1) |" in text
+    assert "| melora r=1 n=8 | 500 | 2.500 ± 0.707 (2) |" in text  # eval_base differs by seed: averaged
+    assert "| melora r=1 n=8 | 500 | 0.450 ± 0.071 (2) |" in text

@@ -31,6 +31,7 @@ NON_DEFINING = frozenset(
         "save_steps",
         "save_model",
         "eval_batch_size",
+        "eval_base",
         "adapter",
     }
 )

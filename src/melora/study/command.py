@@ -114,7 +114,9 @@ def drop_checkpoints(job: Job) -> None:
 
 
 def command_for(spec: StudySpec, job: Job) -> list[str]:
-    """The argv (after ``python -m melora.cli``) of ``job``; writes the run's preset for training runs."""
+    """The argv (after ``python -m melora.cli``) of ``job``; writes the run's preset for training runs.
+
+    Evaluations (``eval`` of a run's adapter, ``base`` of the untuned model) share the study's eval flags."""
     from melora.io import write_yaml_atomic
 
     if job.kind == "train":
@@ -122,14 +124,12 @@ def command_for(spec: StudySpec, job: Job) -> list[str]:
         write_yaml_atomic(preset, run_options(spec, job))
         return [spec.runner, "--config", str(preset)]
     ev = spec.eval
-    train_options = run_options(spec, job)
-    argv = [
-        "eval",
-        "--model",
-        str(train_options.get("model", "smollm2")),
-        "--adapter",
-        str(job.folder.parent),
-    ]
+    model = {**spec.base, **spec.tasks[job.task]}.get("model", "smollm2")
+    argv = ["eval", "--model", str(model)]
+    if job.kind == "eval":  # a run's adapter; "base" evaluates the untuned model
+        argv += ["--adapter", str(job.folder.parent)]
+    else:
+        argv += ["--label", "base (untuned)"]
     argv += [
         "--tasks",
         ",".join(ev.tasks),
@@ -329,7 +329,7 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
             state = "done"
         elif running_elsewhere(job):
             epoch = logged_epoch(job)
-            budget = run_options(spec, job).get("epochs")
+            budget = run_options(spec, job).get("epochs") if job.kind == "train" else None
             state = "running" + (f" ({epoch:.1f}/{budget:g} ep)" if epoch is not None and budget else "")
         else:
             state = "to run"

@@ -10,9 +10,11 @@ main answer on all tasks first. Per (task, method):
 2. when every grid point has finished and the best one sits at an edge, one more point beyond that
    edge (``lr * factor`` or ``lr / factor``), up to ``tune.extend`` per side;
 3. once the optimum is interior (or the limit is reached), every seed at the chosen lr;
-4. for instruct studies with ``eval``, an evaluation of each of those runs.
+4. for instruct studies with ``eval``, an evaluation of each of those runs, and with ``eval.base``
+   one evaluation of the untuned model (``kind="base"``, after every other job).
 
-Layout: ``<root>/<task>/<slug>/lr<lr>/seed<seed>/results.json`` (+ ``eval/results.json``).
+Layout: ``<root>/<task>/<slug>/lr<lr>/seed<seed>/results.json`` (+ ``eval/results.json``);
+the untuned model's evaluation in ``<root>/<task>/base/eval/results.json``.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def round_lr(lr: float) -> float:
 
 @dataclass(frozen=True)
 class Job:
-    """One run (``kind="train"``) or one evaluation of a run (``kind="eval"``)."""
+    """One run (``kind="train"``), one evaluation of a run (``"eval"``) or of the untuned model (``"base"``)."""
 
     kind: str
     task: str
@@ -54,6 +56,8 @@ class Job:
 
     @property
     def name(self) -> str:
+        if self.kind == "base":
+            return f"{self.task}/{BASE}/eval"
         return f"{self.task}/{self.slug}/lr{lr_text(self.lr)}/seed{self.seed}" + (
             "/eval" if self.kind == "eval" else ""
         )
@@ -70,6 +74,14 @@ class Plan:
 
     def pending(self, is_done: Callable[[Job], bool]) -> list[Job]:
         return [job for job in self.jobs if not is_done(job)]
+
+
+BASE = "base"  # the slug of the untuned model's evaluation
+
+
+def base_job(spec: StudySpec, task: str) -> Job:
+    """The evaluation of the untuned model on ``task``'s eval suite (lr and seed play no part)."""
+    return Job("base", task, BASE, 0.0, 0, spec.root / task / BASE / "eval")
 
 
 def run_folder(spec: StudySpec, task: str, entry: MethodEntry, lr: float, seed: int) -> Path:
@@ -90,7 +102,7 @@ def read_metric(path: Path, metric: str) -> float | None:
 def is_done(job: Job) -> bool:
     if not job.results.is_file():
         return False
-    if job.kind == "eval":
+    if job.kind in ("eval", "base"):
         return bool(json.loads(job.results.read_text(encoding="utf-8")).get("complete", True))
     return True
 
@@ -155,6 +167,8 @@ def plan_study(spec: StudySpec, failed: frozenset[str] = frozenset()) -> Plan:
                     plan.jobs.append(Job("eval", task, entry.slug, chosen, seed, job.folder / "eval"))
     tasks = list(spec.tasks)
     plan.jobs.sort(key=lambda job: (priority(spec, job.slug), tasks.index(job.task)))  # stable
+    if spec.eval is not None and spec.eval.base:
+        plan.jobs += [base_job(spec, task) for task in tasks]
     return plan
 
 

@@ -31,6 +31,27 @@ def chosen_runs(spec: StudySpec, plan: Plan, kind: str = "train") -> list[dict[s
     return runs
 
 
+def base_runs(plan: Plan) -> list[dict[str, Any]]:
+    """The finished evaluations of the untuned model (``eval.base``), one per task."""
+    return [load_run(job.results) for job in plan.jobs if job.kind == "base" and is_done(job)]
+
+
+def base_heldout_loss(spec: StudySpec, plan: Plan) -> dict[str, Any] | None:
+    """The untuned model's held-out loss, as the instruct runs that measured it (``eval_base``) found it.
+
+    Every run of a study holds out the same examples (``data_seed``), so the runs must agree; their
+    spread is reported so that a disagreement shows."""
+    values = []
+    for job in plan.jobs:
+        if job.kind == "train" and job.results.is_file():
+            value = load_run(job.results).get("heldout_loss_base")
+            if value is not None:
+                values.append(float(value))
+    if not values:
+        return None
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "runs": len(values)}
+
+
 def per_seed(
     spec: StudySpec, plan: Plan, task: str, slug: str, metric: str, kind: str = "train"
 ) -> dict[int, float]:
@@ -189,6 +210,15 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
             {"label": g.label, "metric": g.metric, "mean": g.mean, "std": g.std, "n": len(g.values),
              "cell": cell_text(g)} for g in groups
         ]  # fmt: skip
+    base_loss = base_heldout_loss(spec, plan) if spec.runner == "instruct" else None
+    if base_loss is not None:
+        spread = f", {base_loss['min']:.4f}-{base_loss['max']:.4f} over them" if base_loss["runs"] > 1 else ""
+        sections += [
+            f"Untuned model (the reference every run should beat): held-out loss {base_loss['mean']:.4f} "
+            f"(measured before training by {base_loss['runs']} run(s){spread}).",
+            "",
+        ]
+        summary["base_heldout_loss"] = base_loss
     if runs and spec.runner == "glue":
         from melora.study.learning import learning_rows, learning_table, plot_learning_curves
 
@@ -218,9 +248,10 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
              "differences": list(row["paired"].differences)} for row in rows
         ]  # fmt: skip
     if spec.eval is not None:
-        evals = chosen_runs(spec, plan, "eval")
+        evals, base = chosen_runs(spec, plan, "eval"), base_runs(plan)
         if evals:
-            sections += ["## Evaluations of the chosen runs", "", markdown_tables(aggregate(evals)), ""]
+            title = "## Evaluations of the chosen runs" + (" and of the untuned model" if base else "")
+            sections += [title, "", markdown_tables(aggregate(evals + base)), ""]
             eval_rows = comparisons(spec, plan, "eval")
             if eval_rows:
                 sections += ["Paired, on the evaluations:", "", comparison_table(spec, eval_rows), ""]

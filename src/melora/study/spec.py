@@ -18,7 +18,8 @@
     tune: {seed: 0, extend: 2, factor: 3}   # an edge optimum adds a point beyond it, up to `extend` per side
     select: primary               # glue: each task's primary metric; or a summary key (instruct/heldout_loss)
     compare: [[melora-r1-n8, lora-r8]]      # paired per-seed comparisons (slugs), first minus second
-    eval: {tasks: [mmlu, bbh], limit: {mmlu: 2}, data_dir: ../shared/data/eval}   # instruct studies only
+    eval: {tasks: [mmlu, bbh], limit: {mmlu: 2}, data_dir: ../shared/data/eval, base: true}   # instruct only;
+                                  # base: the untuned model is evaluated too (<root>/instruct/base/eval)
 
 Instruct studies use the task name ``instruct`` (one task; its budget under ``tasks: {instruct: {...}}``).
 """
@@ -74,6 +75,7 @@ class EvalSpec:
     batch_size: int = 4
     allow_code_execution: bool = False
     extra: list[str] = field(default_factory=list)
+    base: bool = False  # also evaluate the untuned model once: the reference every tuned run should beat
 
 
 @dataclass
