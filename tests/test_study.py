@@ -523,3 +523,4 @@ def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_th
     assert "| base (untuned) | 0 | 0.300 (1) |" in text
     assert "| melora r=1 n=8 | 500 | 2.500 ± 0.707 (2) |" in text  # eval_base differs by seed: averaged
     assert "| melora r=1 n=8 | 500 | 0.450 ± 0.071 (2) |" in text
+    assert (spec.root / "figures" / "evals_vs_params.png").stat().st_size > 1000  # untuned model dashed

@@ -168,8 +168,12 @@ def markdown_tables(groups: list[Group]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
-    """One panel per metric: mean ± std against trainable parameters (log x), one point per label."""
+def plot_score_vs_params(
+    groups: list[Group], path: str | os.PathLike, references: dict[str, float] | None = None
+) -> None:
+    """One panel per metric: mean ± std against trainable parameters (log x), one point per label.
+
+    ``references`` (metric -> value), e.g. the untuned model's score, are drawn as dashed lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +193,8 @@ def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
         for g in (g for g in plotted if g.metric == metric):
             x = sorted(g.trainable_params)[len(g.trainable_params) // 2]
             ax.errorbar(x, g.mean, yerr=g.std, fmt="o", capsize=3, color=colors[g.label], label=g.label)
+        if references and metric in references:
+            ax.axhline(references[metric], ls="--", color="gray")
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, numticks=6))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -199,8 +205,13 @@ def plot_score_vs_params(groups: list[Group], path: str | os.PathLike) -> None:
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     handles = [plt.Line2D([], [], marker="o", ls="", color=colors[label]) for label in labels]
-    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * math.ceil(len(labels) / 4), 1, 1))
+    if references and any(metric in references for metric in metrics):
+        handles.append(plt.Line2D([], [], ls="--", color="gray"))
+        labels = [*labels, "untuned model"]
+    ncol = min(2 * cols, 4, len(labels))  # a one-panel figure is narrow: two labels a row
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    legend_inches = 0.15 + 0.17 * math.ceil(len(labels) / ncol)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -194,6 +194,7 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         "",
     ]
     runs = chosen_runs(spec, plan)
+    base_loss = base_heldout_loss(spec, plan) if spec.runner == "instruct" else None
     summary: dict[str, Any] = {
         "study": spec.name,
         "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
@@ -204,13 +205,13 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         metric_keys = "|".join(sorted({re.escape(spec.metric_for(t)) for t in spec.tasks}))
         groups = aggregate(runs, keys=f"^({metric_keys})$")
         sections += ["## Scores at each method's chosen learning rate", "", markdown_tables(groups)]
-        plot_score_vs_params(groups, figures / "score_vs_params.png")
+        reference = {"instruct/heldout_loss": base_loss["mean"]} if base_loss else None
+        plot_score_vs_params(groups, figures / "score_vs_params.png", reference)
         sections += ["![score vs trainable parameters](figures/score_vs_params.png)", ""]
         summary["groups"] = [
             {"label": g.label, "metric": g.metric, "mean": g.mean, "std": g.std, "n": len(g.values),
              "cell": cell_text(g)} for g in groups
         ]  # fmt: skip
-    base_loss = base_heldout_loss(spec, plan) if spec.runner == "instruct" else None
     if base_loss is not None:
         spread = f", {base_loss['min']:.4f}-{base_loss['max']:.4f} over them" if base_loss["runs"] > 1 else ""
         sections += [
@@ -252,6 +253,9 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         if evals:
             title = "## Evaluations of the chosen runs" + (" and of the untuned model" if base else "")
             sections += [title, "", markdown_tables(aggregate(evals + base)), ""]
+            reference = {k: float(v) for k, v in base[0]["summary"].items()} if base else None
+            plot_score_vs_params(aggregate(evals), figures / "evals_vs_params.png", reference)
+            sections += ["![evaluations vs trainable parameters](figures/evals_vs_params.png)", ""]
             eval_rows = comparisons(spec, plan, "eval")
             if eval_rows:
                 sections += ["Paired, on the evaluations:", "", comparison_table(spec, eval_rows), ""]
