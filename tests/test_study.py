@@ -517,8 +517,8 @@ def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_th
     plan = plan_study(spec)
     assert not plan.pending(is_done)
     text, summary = render_study(spec, plan)
-    assert summary["base_heldout_loss"] == {"mean": 2.5, "min": 2.5, "max": 2.5, "runs": 1}
-    assert "Untuned model (the reference every run should beat): held-out loss 2.5000" in text
+    assert summary["base_heldout_loss"] == {"by_seed": {0: 2.5}, "mean": 2.5}
+    assert "Untuned model (the reference every run should beat): held-out loss 2.5000 (seed 0)," in text
     assert "## Evaluations of the chosen runs and of the untuned model" in text
     assert "| base (untuned) | 0 | 0.300 (1) |" in text
     assert "| melora r=1 n=8 | 500 | 2.500 ± 0.707 (2) |" in text  # eval_base differs by seed: averaged

@@ -37,19 +37,22 @@ def base_runs(plan: Plan) -> list[dict[str, Any]]:
 
 
 def base_heldout_loss(spec: StudySpec, plan: Plan) -> dict[str, Any] | None:
-    """The untuned model's held-out loss, as the instruct runs that measured it (``eval_base``) found it.
+    """The untuned model's held-out loss per seed, as the instruct runs that measured it (``eval_base``) found it.
 
-    Every run of a study holds out the same examples (``data_seed``), so the runs must agree; their
-    spread is reported so that a disagreement shows."""
-    values = []
+    Every run holds out the same examples (``data_seed``), but the Trainer's evaluation loss is a mean
+    of per-batch means, and with ``group_by_length`` the held-out batches are grouped by a sampler
+    seeded with the run's seed: the level is per seed, and runs of one seed see the same batches.
+    Returns ``{"by_seed": {seed: loss}, "mean": mean over seeds}``.
+    """
+    by_seed: dict[int, float] = {}
     for job in plan.jobs:
         if job.kind == "train" and job.results.is_file():
             value = load_run(job.results).get("heldout_loss_base")
             if value is not None:
-                values.append(float(value))
-    if not values:
+                by_seed.setdefault(job.seed, float(value))
+    if not by_seed:
         return None
-    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values), "runs": len(values)}
+    return {"by_seed": dict(sorted(by_seed.items())), "mean": sum(by_seed.values()) / len(by_seed)}
 
 
 def per_seed(
@@ -213,10 +216,10 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
              "cell": cell_text(g)} for g in groups
         ]  # fmt: skip
     if base_loss is not None:
-        spread = f", {base_loss['min']:.4f}-{base_loss['max']:.4f} over them" if base_loss["runs"] > 1 else ""
+        seeds = ", ".join(f"{v:.4f} (seed {k})" for k, v in base_loss["by_seed"].items())
         sections += [
-            f"Untuned model (the reference every run should beat): held-out loss {base_loss['mean']:.4f} "
-            f"(measured before training by {base_loss['runs']} run(s){spread}).",
+            f"Untuned model (the reference every run should beat): held-out loss {seeds}, measured before "
+            "training on the same held-out batches as that seed's runs.",
             "",
         ]
         summary["base_heldout_loss"] = base_loss
