@@ -173,7 +173,7 @@ def plot_score_vs_params(
 ) -> None:
     """One panel per metric: mean ± std against trainable parameters (log x), one point per label.
 
-    ``references`` (metric -> value), e.g. the untuned model's score, are drawn as dashed lines."""
+    ``references`` (metric -> value), the untuned model's scores, are drawn as dashed lines labelled so."""
     import matplotlib
 
     matplotlib.use("Agg")

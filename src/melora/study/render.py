@@ -36,7 +36,7 @@ def base_runs(plan: Plan) -> list[dict[str, Any]]:
     return [load_run(job.results) for job in plan.jobs if job.kind == "base" and is_done(job)]
 
 
-def base_heldout_loss(spec: StudySpec, plan: Plan) -> dict[str, Any] | None:
+def base_heldout_loss(plan: Plan) -> dict[str, Any] | None:
     """The untuned model's held-out loss per seed, as the instruct runs that measured it (``eval_base``) found it.
 
     Every run holds out the same examples (``data_seed``), but the Trainer's evaluation loss is a mean
@@ -197,7 +197,7 @@ def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
         "",
     ]
     runs = chosen_runs(spec, plan)
-    base_loss = base_heldout_loss(spec, plan) if spec.runner == "instruct" else None
+    base_loss = base_heldout_loss(plan) if spec.runner == "instruct" else None
     summary: dict[str, Any] = {
         "study": spec.name,
         "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
