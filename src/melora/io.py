@@ -2,19 +2,20 @@
 
 Every output melora writes (adapters, results.json, tables, exported LoRAs) goes through
 ``atomic_write_text`` / ``write_json_atomic`` / ``atomic_directory``: a reader sees the old content
-or the new one, never a half-written file or folder, also when the writer is killed. A folder is a
-symlink into a hidden versions folder beside it (see ``atomic_directory``). Written files and folders
-follow the user's umask.
+or the new one, never a half-written file, also when the writer is killed. A saved folder stays a plain
+folder, replaced in one atomic step where the file system allows it; files melora did not write in it
+are never deleted or moved (see ``atomic_directory``). Written files and folders follow the user's umask.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import logging
 import os
-import secrets
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 logger = logging.getLogger(__name__)
 
@@ -76,29 +77,109 @@ def write_yaml_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
-# ---- folders: a versioned layout behind a symlink --------------------------------------------------------
+# ---- folders: plain directories, replaced atomically ------------------------------------------------------
 #
-#   parent/
-#     name -> .name.versions/v-<time_ns>-<pid>     the folder readers open (a relative symlink)
-#     .name.versions/
-#       .lock                                      flock'ed by the one writer saving ``name``
-#       v-<time_ns>-<pid>/                         the complete current version
-#       tmp-<pid>-<random>/                        a save in progress (stale if its writer died)
+# A save writes its files into a hidden staging folder beside the target (``.<name>.melora-tmp-<pid>-<hex>``),
+# fsyncs them, then puts them in place in one of three ways:
 #
-# A save writes a new version, then swaps the symlink with one os.replace, so a reader opening
-# ``name/<file>`` always lands in a complete folder, also when the writer is killed at any moment.
+#   target missing            -> rename the staging folder to it (one atomic step)
+#   target holds only names   -> swap the two folders with renameat2(RENAME_EXCHANGE) (one atomic step),
+#   the new save writes          then delete the old content, now under the staging name
+#   anything else             -> move each new file in with os.replace, weights first, the config last;
+#   (other files; or no          every other file of the folder stays where it is
+#   exchange on this system)
+#
+# The target stays a plain folder (or the folder a user's symlink points to). Saves into one parent folder
+# take turns on an flock of that parent folder; a save first removes staging folders of killed saves.
 
-VERSIONS_SUFFIX = ".versions"
-_LOCK_NAME = ".lock"
-# An old real folder moved into the store while it becomes a symlink (sorts before every save's version).
-_MIGRATING = f"v-{0:020d}-migrating-"
-# Leftovers of the old two-rename writer (".name.<random>.tmp" / ".name.<random>.old"): it took no lock, so
-# they are removed only once this old.
-_LEGACY_STALE_AFTER_S = 3600.0
+_STAGING = ".melora-tmp-"
+# Files written last when new files are moved in one by one (a reader that finds the config finds the weights).
+_WRITTEN_LAST = (ADAPTER_CONFIG, "config.json")
+_STAGE_INSIDE = ".melora-staging"
+
+
+class SaveConflictError(FileExistsError):
+    """The target folder holds files melora did not write under the names a save would write."""
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system refuses it."""
+    if not sys.platform.startswith("linux") or os.environ.get("MELORA_NO_RENAME_EXCHANGE"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):  # not on this file system
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
+@contextmanager
+def _parent_lock(parent: Path, target: Path, timeout: float) -> Iterator[None]:
+    """Hold the exclusive flock of folder ``parent``; wait up to ``timeout`` seconds, then say so."""
+    import fcntl
+
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{target} cannot be saved: another process has been saving into {parent} for "
+                        f"{timeout:g} s (it holds an flock on that folder). Wait for it, or save elsewhere."
+                    ) from None
+                time.sleep(0.02)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _resolve_target(target: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(the folder a save writes, the version folder of melora's old symlink layout or None).
+
+    A user's own symlink is followed (the save lands where it points, the link stays); a link into
+    ``.<name>.versions/`` is melora's old layout, which the save turns back into a plain folder.
+    """
+    path = Path(os.path.abspath(target))
+    if path.is_symlink():
+        pointed = Path(os.path.normpath(path.parent / os.readlink(path)))
+        if pointed.parent == _version_store(path):
+            return path, pointed
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file; an adapter is saved as a folder: pass a folder path.")
+    return path, None
 
 
 def _version_store(target: Path) -> Path:
-    return target.parent / f".{target.name}{VERSIONS_SUFFIX}"
+    return target.parent / f".{target.name}.versions"
+
+
+def _clean_staging(parent: Path, target: Path) -> None:
+    """Staging folders of killed saves of ``target`` (only a lock holder makes them: any found now is dead)."""
+    for path in parent.glob(f".{glob.escape(target.name)}{_STAGING}*"):
+        _remove(path)
+    inside = target / _STAGE_INSIDE
+    if target.is_dir() and not target.is_symlink() and inside.is_dir():
+        _remove(inside)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -117,7 +198,7 @@ def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError:  # some filesystems do not fsync folders
+    except OSError:  # some file systems do not fsync folders
         pass
     finally:
         os.close(fd)
@@ -130,218 +211,134 @@ def _follow_umask_tree(folder: Path) -> None:
     follow_umask(folder)
 
 
-@contextmanager
-def _writer_lock(store: Path, target: Path, timeout: float) -> Iterator[None]:
-    """Hold the exclusive flock of ``store``; wait up to ``timeout`` seconds, then say who holds it."""
-    import fcntl
-
-    lock_path = store / _LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-                    raise TimeoutError(
-                        f"{target} is being saved by another process (pid {holder} holds {lock_path}); waited "
-                        f"{timeout:g} s. Wait for that save to finish, or save to another folder."
-                    ) from None
-                time.sleep(0.02)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the flock
+def _is_adapter_folder(folder: Path) -> bool:
+    return (folder / ADAPTER_CONFIG).is_file() or (folder / "config.json").is_file()
 
 
-def _versions(store: Path) -> list[Path]:
-    """Complete versions in ``store``, oldest first (names start with a zero-padded time)."""
-    if not store.is_dir():
+def _conflicts(new: Path, target: Path) -> list[str]:
+    """Names the save would overwrite in a folder that is not a saved adapter or model (the user's files),
+    and names where a file would replace a folder or the reverse."""
+    if not target.is_dir():
         return []
-    return sorted(p for p in store.iterdir() if p.name.startswith("v-") and p.is_dir())
+    ours = _is_adapter_folder(target)
+    found = []
+    for entry in sorted(os.listdir(new)):
+        old = target / entry
+        if not (old.exists() or old.is_symlink()):
+            continue
+        if (new / entry).is_dir() != (old.is_dir() and not old.is_symlink()):
+            found.append(entry)
+        elif (new / entry).is_dir():
+            found += [f"{entry}/{name}" for name in _conflicts(new / entry, old)]
+        elif not ours:
+            found.append(entry)
+    return found
 
 
-def _legacy_leftovers(target: Path) -> list[Path]:
-    return [
-        p
-        for p in target.parent.glob(f".{glob.escape(target.name)}.*")
-        if p.suffix in (".tmp", ".old") and p.is_dir() and not p.is_symlink()
-    ]
-
-
-def _current_version(target: Path, store: Path) -> Path | None:
-    """The version ``target`` links to, if it is one of ``store``'s."""
-    if not target.is_symlink():
-        return None
-    pointed = Path(os.path.normpath(target.parent / os.readlink(target)))
-    return pointed if pointed.parent == store else None
-
-
-def _point(target: Path, version: Path) -> None:
-    """Make ``target`` a symlink to ``version`` with one atomic rename (a legacy real folder is moved aside)."""
-    link = target.parent / f".{target.name}.link-{os.getpid()}-{secrets.token_hex(4)}"
-    os.symlink(os.path.relpath(version, target.parent), link)
-    try:
-        if target.is_dir() and not target.is_symlink():
-            _migrate_real_folder(target, link)
+def _move_in(new: Path, target: Path) -> None:
+    """Move every file of ``new`` into ``target`` with os.replace: weights and the rest first, configs last."""
+    entries = sorted(os.listdir(new), key=lambda name: (name in _WRITTEN_LAST, name))
+    for entry in entries:
+        source, dest = new / entry, target / entry
+        if source.is_dir() and dest.is_dir():
+            _move_in(source, dest)
         else:
-            os.replace(link, target)
-    except BaseException:
-        if link.is_symlink():
-            link.unlink()
-        raise
-    _fsync_dir(target.parent)
-
-
-def _migrate_real_folder(target: Path, link: Path) -> None:
-    """Turn a folder written by an older melora into the symlink layout; the folder itself is moved aside.
-
-    On Linux ``renameat2(RENAME_EXCHANGE)`` swaps the folder and the new link in one step. Elsewhere it takes
-    two renames; a crash between them leaves ``target`` missing, and readers and the next save then use the
-    newest complete version in the store (see ``resolve_adapter_dir``).
-    """
-    aside = _version_store(target) / f"{_MIGRATING}{secrets.token_hex(4)}"  # sorts before any save
-    if _rename_exchange(link, target):
-        shutil.rmtree(link, ignore_errors=True)  # ``link`` now names the old folder
-        return
-    os.rename(target, aside)
-    try:
-        os.replace(link, target)
-    except BaseException:
-        os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where not available."""
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _recover_and_clean(target: Path, store: Path) -> None:
-    """Under the writer lock: repair what a killed save left behind, and delete its leftovers.
-
-    - ``target`` missing because a swap was interrupted (see ``_interrupted_swap``): point it at the folder
-      readers use meanwhile. (A ``target`` deleted on purpose stays deleted.)
-    - temp folders in the store: only a writer holding the lock creates them, so any found now belong to a
-      dead process; superseded versions likewise.
-    """
-    if not target.exists():
-        interrupted = _interrupted_swap(target)
-        if interrupted is not None and interrupted.parent != store:  # the old writer's ".old" folder
-            restored = store / f"v-{time.time_ns():020d}-restored"
-            os.rename(interrupted, restored)
-            shutil.rmtree(interrupted.parent, ignore_errors=True)
-            interrupted = restored
-        if interrupted is not None:
-            _point(target, interrupted)
-    current = _current_version(target, store)
-    for path in store.iterdir():
-        if path.name.startswith("tmp-") or (path.name.startswith("v-") and path != current):
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-    for path in target.parent.glob(f".{glob.escape(target.name)}.link-*"):  # a new link not swapped in yet
-        if path.is_symlink() or not path.is_dir():
-            path.unlink()
-        else:  # the old folder after a RENAME_EXCHANGE
-            shutil.rmtree(path, ignore_errors=True)
-    now = time.time()
-    for path in _legacy_leftovers(target):
-        if now - path.stat().st_mtime > _LEGACY_STALE_AFTER_S:
-            shutil.rmtree(path, ignore_errors=True)
+            os.replace(source, dest)
+    _fsync_dir(target)
 
 
 @contextmanager
 def atomic_directory(target: str | os.PathLike, lock_timeout: float = 600.0) -> Iterator[Path]:
-    """Yield an empty temp folder; on success it becomes ``target``'s content in one atomic step.
+    """Yield an empty staging folder; on success its files become ``target``'s, atomically where possible.
 
-    ``target`` becomes a symlink into the hidden folder ``.<name>.versions`` beside it, swapped with one
-    ``os.replace``: a reader opening ``target/<file>`` sees the old complete folder or the new one, never a
-    missing or half-written one, even when the writer is killed at any moment. Concurrent saves to the same
-    ``target`` take turns (an flock on ``.<name>.versions/.lock``; after ``lock_timeout`` seconds of waiting
-    a TimeoutError names the holder). Each save first deletes what killed saves left behind, and the
-    version it replaces. Written files and folders follow the umask. On an exception the temp folder is
-    removed and ``target`` is left exactly as it was.
+    ``target`` stays a plain folder that ``cp -r``, ``rm -rf``, ``git add`` and hub uploads treat as usual
+    (a symlink of the user's is followed and kept). Files melora did not write are never deleted or moved:
 
-    Copy such a folder with ``cp -rL`` (or ``shutil.copytree``, which follows the link); a plain ``cp -r`` of
-    ``target`` alone copies the link.
+    - ``target`` missing, empty, or holding only names this save writes (an earlier save): the new folder
+      replaces it in one atomic step (a rename, or Linux's ``renameat2(RENAME_EXCHANGE)``), so a reader sees
+      the old complete folder or the new one, also when the writer is killed at any moment.
+    - ``target`` holds other files too (or the file system has no atomic exchange): each new file is moved
+      in with ``os.replace``, weights first and ``adapter_config.json`` last; the other files stay. Every file
+      is old or new, never half-written; a reader at that moment may pair a new weights file with the old
+      config, and a kill in between leaves such a pair (save again to repair it).
+    - A file of the user's (in a folder that is not a saved adapter or model) under a name the save writes
+      (``README.md``, say): nothing is written and ``SaveConflictError`` names the files.
+
+    Saves into one parent folder take turns (an flock on the parent; ``TimeoutError`` after ``lock_timeout``
+    seconds). A folder saved by an earlier melora as a symlink into ``.<name>.versions/`` becomes a plain folder
+    again, keeping its files. On an exception ``target`` is left as it was. Modes follow the umask.
     """
-    target = Path(os.path.abspath(target))
-    if target.is_file():
-        raise FileExistsError(f"{target} is a file; atomic_directory writes folders.")
-    store = _version_store(target)
-    store.mkdir(parents=True, exist_ok=True)
-    follow_umask(store)
-    with _writer_lock(store, target, lock_timeout):
-        _recover_and_clean(target, store)
-        tmp = Path(tempfile.mkdtemp(dir=store, prefix=f"tmp-{os.getpid()}-"))
+    target, legacy = _resolve_target(target)
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _parent_lock(parent, target, lock_timeout):
+        _clean_staging(parent, target)
+        existing = target.is_dir() and legacy is None
+        # Stage beside the target when a folder rename can reach it; inside it otherwise (a mount point,
+        # or a parent the user may not write to).
+        beside = os.access(parent, os.W_OK) and (
+            not existing or os.stat(parent).st_dev == os.stat(target).st_dev
+        )
+        if legacy is not None and not beside:
+            raise PermissionError(f"{target} cannot be re-saved: its folder {parent} is not writable.")
+        if beside:
+            stage = Path(tempfile.mkdtemp(dir=parent, prefix=f".{target.name}{_STAGING}{os.getpid()}-"))
+        else:
+            stage = target / _STAGE_INSIDE
+            stage.mkdir()
         try:
-            yield tmp
-            _follow_umask_tree(tmp)
-            _fsync_tree(tmp)
-            version = store / f"v-{time.time_ns():020d}-{os.getpid()}"
-            os.rename(tmp, version)
-            _fsync_dir(store)
-            previous = _current_version(target, store)
-            try:
-                _point(target, version)
-            except BaseException:
-                if _current_version(target, store) != version:
-                    shutil.rmtree(version, ignore_errors=True)
-                raise
-            if previous is not None and previous != version:
-                shutil.rmtree(previous, ignore_errors=True)
+            yield stage
+            conflicts = _conflicts(stage, target) if existing else []
+            if conflicts:
+                shown = ", ".join(conflicts[:8]) + (
+                    f" and {len(conflicts) - 8} more" if len(conflicts) > 8 else ""
+                )
+                raise SaveConflictError(
+                    f"{target} already holds {shown}, not written by melora; nothing was saved. "
+                    "Move those files, or save into a new or empty folder."
+                )
+            if legacy is not None:
+                _copy_missing(legacy, stage)
+            _follow_umask_tree(stage)
+            if existing:
+                os.chmod(stage, stat.S_IMODE(os.stat(target).st_mode))
+            _fsync_tree(stage)
+            _put_in_place(stage, target, existing, legacy, beside)
         finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            if stage.exists() or stage.is_symlink():
+                _remove(stage)
 
 
-def resolve_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
-    """The complete folder ``adapter_dir`` stands for right now, pinned against concurrent saves.
-
-    For a folder saved by ``atomic_directory`` that is the current version behind the symlink; reading
-    several files from the returned folder gives one consistent save (the next save deletes it once it
-    has swapped in its own version: read soon, or use ``read_adapter``, which retries). If a killed save
-    left ``adapter_dir`` missing, the complete folder it left is returned. Any other folder: as is.
-    """
-    path = Path(os.path.abspath(adapter_dir))
-    if path.exists():
-        return Path(os.path.realpath(path))
-    interrupted = _interrupted_swap(path)
-    if interrupted is None:
-        return path
-    logger.warning("%s is missing after an interrupted save; reading %s", path, interrupted)
-    return interrupted
+def _copy_missing(version: Path, stage: Path) -> None:
+    """Files of an old-layout version that the new save does not write (nothing of the old folder is lost)."""
+    for entry in os.listdir(version):
+        source, dest = version / entry, stage / entry
+        if dest.exists():
+            continue
+        if source.is_dir():
+            shutil.copytree(source, dest, symlinks=True)
+        else:
+            shutil.copy2(source, dest, follow_symlinks=False)
 
 
-def _interrupted_swap(target: Path) -> Path | None:
-    """For a missing ``target``: the complete folder an interrupted swap left, else None (really missing).
-
-    Two writers leave ``target`` missing for a moment: migrating an old real folder without
-    RENAME_EXCHANGE (the old folder waits in the store as ``v-0...-migrating-*``; the newest version is
-    the one being swapped in), and melora's earlier two-rename writer (the old folder waits in
-    ``.<name>.<random>.old/<name>``).
-    """
-    store = _version_store(target)
-    versions = _versions(store)
-    if any(p.name.startswith(_MIGRATING) for p in versions):
-        return versions[-1]
-    legacy = [p / target.name for p in _legacy_leftovers(target) if (p / target.name).is_dir()]
-    return max(legacy, key=lambda p: p.stat().st_mtime) if legacy else None
+def _put_in_place(stage: Path, target: Path, existing: bool, legacy: Path | None, beside: bool) -> None:
+    parent = target.parent
+    if legacy is not None:  # the old symlink layout: the link becomes the plain folder, the store goes
+        if not _rename_exchange(stage, target):
+            target.unlink()
+            os.rename(stage, target)
+        _fsync_dir(parent)
+        shutil.rmtree(_version_store(target), ignore_errors=True)
+        return
+    if not existing:
+        os.rename(stage, target)
+        _fsync_dir(parent)
+        return
+    only_ours = set(os.listdir(target)) <= set(os.listdir(stage))
+    if beside and only_ours and _rename_exchange(stage, target):
+        _fsync_dir(parent)
+        return  # ``stage`` now holds the old content; the caller removes it
+    _move_in(stage, target)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -353,6 +350,10 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} does not exist.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8."
+        ) from err
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}".replace("\n", " ")) from err
     if not isinstance(data, dict):
@@ -360,8 +361,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return {str(key).replace("-", "_"): value for key, value in data.items()}
 
 
+def resolve_adapter_dir(adapter_dir: str | os.PathLike) -> Path:
+    """The real folder ``adapter_dir`` names (symlinks followed, also melora's old versioned layout)."""
+    return Path(os.path.realpath(os.path.abspath(adapter_dir)))
+
+
 def save_adapter(model: Any, output_dir: str | os.PathLike, **kwargs: Any) -> Path:
-    """``model.save_pretrained(output_dir)`` done atomically (safetensors; a crash leaves no half-written folder)."""
+    """``model.save_pretrained(output_dir)`` done atomically (see ``atomic_directory``; safetensors only)."""
     with atomic_directory(output_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, **kwargs)
     return Path(output_dir)
@@ -369,54 +375,96 @@ def save_adapter(model: Any, output_dir: str | os.PathLike, **kwargs: Any) -> Pa
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The adapter_config.json of ``adapter_dir`` as a dict, with a clear error when missing or corrupt."""
-    return _read_config_file(resolve_adapter_dir(adapter_dir), Path(adapter_dir))
+    return read_adapter(adapter_dir, weights=False)[0]
 
 
 def read_adapter_weights(adapter_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of ``adapter_model.safetensors`` (never a pickle file), with a clear error when corrupt."""
-    return _read_weights_file(resolve_adapter_dir(adapter_dir), Path(adapter_dir))
+    return read_adapter(adapter_dir)[1]
 
 
-def read_adapter(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, tensors) of ``adapter_dir``, both from the same save even while another process re-saves it."""
+def read_adapter(
+    adapter_dir: str | os.PathLike, weights: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, tensors) of ``adapter_dir``, both from one save even while another process re-saves it.
+
+    Both files are opened through one descriptor of the folder, so a save that swaps in a new folder
+    meanwhile cannot pair the old config with the new weights; a read the swap cut short is retried.
+    """
+    shown = Path(adapter_dir)
     for _ in range(20):
-        root = resolve_adapter_dir(adapter_dir)
         try:
-            return _read_config_file(root, Path(adapter_dir)), _read_weights_file(root, Path(adapter_dir))
+            fd = os.open(resolve_adapter_dir(adapter_dir), os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
-            if resolve_adapter_dir(adapter_dir) == root:  # not a concurrent save: the file is really missing
+            raise FileNotFoundError(
+                f"{shown / ADAPTER_CONFIG} does not exist: {shown} is not a saved PEFT adapter folder."
+            ) from None
+        except NotADirectoryError:
+            raise NotADirectoryError(f"{shown} is a file, not a saved PEFT adapter folder.") from None
+        try:
+            config = _read_config_file(fd, shown)
+            return config, (_read_weights_file(fd, shown) if weights else {})
+        except FileNotFoundError:
+            if _same_folder(fd, adapter_dir):
                 raise
+            # the folder was swapped out (and is being deleted) while being read: read the new one
+        finally:
+            os.close(fd)
     raise RuntimeError(f"{adapter_dir} was re-saved 20 times while being read; try again.")
 
 
-def _read_config_file(root: Path, shown: Path) -> dict[str, Any]:
-    """``root``/adapter_config.json; errors name ``shown`` (the folder the caller passed)."""
-    path = root / ADAPTER_CONFIG
-    if not path.is_file():
+def _same_folder(fd: int, adapter_dir: str | os.PathLike) -> bool:
+    """Whether ``adapter_dir`` still names the folder open as ``fd``."""
+    try:
+        now = os.stat(resolve_adapter_dir(adapter_dir))
+    except FileNotFoundError:
+        return False
+    before = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)
+
+
+def _read_bytes(fd: int, name: str) -> bytes | None:
+    try:
+        file_fd = os.open(name, os.O_RDONLY, dir_fd=fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(file_fd, "rb") as handle:
+        return handle.read()
+
+
+def _read_config_file(fd: int, shown: Path) -> dict[str, Any]:
+    """adapter_config.json of the folder open as ``fd``; errors name ``shown`` (the folder the caller passed)."""
+    raw = _read_bytes(fd, ADAPTER_CONFIG)
+    if raw is None:
         raise FileNotFoundError(
             f"{shown / ADAPTER_CONFIG} does not exist: {shown} is not a saved PEFT adapter folder."
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{shown / ADAPTER_CONFIG} was removed while being read.") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{shown / ADAPTER_CONFIG} is not valid JSON ({err}); re-save the adapter.") from err
-
-
-def _read_weights_file(root: Path, shown: Path) -> dict[str, torch.Tensor]:
-    path = root / ADAPTER_WEIGHTS
-    if not path.is_file():
-        pickled = root / "adapter_model.bin"
-        hint = (
-            " Only safetensors are read; re-save it with safe_serialization=True." if pickled.exists() else ""
+        config = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{shown / ADAPTER_CONFIG} is not valid UTF-8 JSON ({err}); re-save the adapter."
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{shown / ADAPTER_CONFIG} holds a JSON {type(config).__name__}, not an object of options; "
+            "re-save the adapter."
         )
+    return config
+
+
+def _read_weights_file(fd: int, shown: Path) -> dict[str, torch.Tensor]:
+    raw = _read_bytes(fd, ADAPTER_WEIGHTS)
+    if raw is None:
+        try:
+            os.stat("adapter_model.bin", dir_fd=fd)
+            hint = " Only safetensors are read; re-save it with safe_serialization=True."
+        except FileNotFoundError:
+            hint = ""
         raise FileNotFoundError(f"{shown / ADAPTER_WEIGHTS} does not exist.{hint}")
     try:
-        return load_file(path)
+        return load(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        if not path.exists():  # removed since the check above: a concurrent save replaced the version
-            raise FileNotFoundError(f"{shown / ADAPTER_WEIGHTS} was removed while being read.") from None
         raise ValueError(
             f"{shown / ADAPTER_WEIGHTS} is truncated or corrupted ({err}); re-save or re-download the adapter."
         ) from err
