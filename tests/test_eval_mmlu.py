@@ -37,7 +37,9 @@ def test_bad_answer_column_names_file_and_row(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n")
     (tmp_path / "test" / "x_test.csv").write_text("q,a,b,c,d,E\n")
-    with pytest.raises(ValueError, match=r"x_test.csv:1: expected question, A, B, C, D, answer\(A-D\)"):
+    with pytest.raises(
+        ValueError, match=r"x_test.csv, line 1: expected 6 columns \(question, A, B, C, D, answer A-D\)"
+    ):
         mmlu.load(tmp_path)
 
 

@@ -15,7 +15,6 @@ Data: ``<dir>/<task>.json`` (``{"examples": [{"input", "target"}]}``) or hub ``l
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from melora.eval.datafiles import need, read_json
 from melora.eval.scoring import TaskResult, fit_shots, greedy_generate, model_max_length
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,17 @@ def load(data_dir: Path | None, limit: int | None = None) -> list[Task]:
     files = sorted(data_dir.glob("*.json"))
     if not files:
         raise FileNotFoundError(f"No BBH task files (<task>.json) under {data_dir}.")
-    tasks = []
-    for path in files:
-        raw = json.loads(path.read_text(encoding="utf-8"))["examples"]
-        tasks.append(_split(path.stem, [Example(e["input"], e["target"]) for e in raw], limit))
-    return tasks
+    return [_split(path.stem, read_task_file(path), limit) for path in files]
+
+
+def read_task_file(path: Path) -> list[Example]:
+    """The examples of one ``<task>.json`` (``{"examples": [{"input": ..., "target": ...}, ...]}``);
+    a defect is a UserError naming the file and the example."""
+    raw = need(read_json(path), "examples", f"{path} (a BBH task file)", list)
+    return [
+        Example(need(e, "input", f"{path}: examples[{i}]"), need(e, "target", f"{path}: examples[{i}]"))
+        for i, e in enumerate(raw)
+    ]
 
 
 def format_example(example: Example, include_answer: bool) -> str:

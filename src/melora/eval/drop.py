@@ -19,7 +19,6 @@ Data: hub ``ucinlp/drop`` (validation) or, under ``<dir>``, the official ``drop_
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from melora.args import UserError
+from melora.eval.datafiles import json_type, need, read_json
 from melora.eval.scoring import TaskResult, fit_shots, greedy_generate, model_max_length
 
 logger = logging.getLogger(__name__)
@@ -66,29 +67,55 @@ class Split:
 # ---------------------------------------------------------------- loading
 
 
-def _official_spans(answers: list[dict]) -> tuple[str, ...]:
-    """Flatten official answer dicts (number / date / spans) the way the hub dataset does."""
+def _official_spans(answers: list, where: str = "answer") -> tuple[str, ...]:
+    """Flatten official answer dicts (number / date / spans) the way the hub dataset does; an
+    answer of the wrong shape is a UserError naming ``where``."""
     spans: list[str] = []
-    for answer in answers:
+    for k, answer in enumerate(answers):
+        at = where if where.endswith(" answer") else f"{where}[{k}]"
+        if not isinstance(answer, dict):
+            raise UserError(
+                f"{at}: expected an answer object (number, date, spans), got {json_type(answer)}."
+            )
         date = answer.get("date") or {}
+        if not isinstance(date, dict):
+            need(answer, "date", at, dict)  # raises, naming the field
         date_text = " ".join(str(date.get(k, "")).strip() for k in ("day", "month", "year")).strip()
         if str(answer.get("number", "")).strip():
             spans.append(str(answer["number"]))
         elif date_text:
             spans.append(date_text)
-        else:
-            spans.extend(answer.get("spans") or [])
+        elif answer.get("spans"):
+            found = need(answer, "spans", at, list)
+            bad = next((x for x in found if not isinstance(x, str)), None)
+            if bad is not None:
+                raise UserError(f"{at}: 'spans' must hold strings, got {json_type(bad)} {bad!r:.60}.")
+            spans.extend(found)
     return tuple(spans)
 
 
 def _read_official(path: Path) -> list[Question]:
-    data = json.loads(path.read_text(encoding="utf-8"))
+    """Questions of the official ``drop_dataset_dev.json``; a defect is a UserError naming the file
+    and the place (section id, question number, field)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path}: expected the official DROP layout, an object of sections by id, got {json_type(data)}."
+        )
     questions = []
     for section_id, section in data.items():
-        for qa in section["qa_pairs"]:
-            spans = _official_spans(qa.get("validated_answers") or [qa["answer"]])
+        where = f"{path}: section {section_id!r}"
+        passage = need(section, "passage", where)
+        for i, qa in enumerate(need(section, "qa_pairs", where, list)):
+            at = f"{where} qa_pairs[{i}]"
+            question = need(qa, "question", at)
+            if qa.get("validated_answers"):
+                answers = need(qa, "validated_answers", at, list)
+                spans = _official_spans(answers, f"{at} validated_answers")
+            else:
+                spans = _official_spans([need(qa, "answer", at, dict)], f"{at} answer")
             if spans:
-                questions.append(Question(section_id, section["passage"], qa["question"], spans))
+                questions.append(Question(section_id, passage, question, spans))
     return questions
 
 

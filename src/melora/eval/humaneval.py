@@ -13,20 +13,30 @@ Data: ``<dir>/HumanEval.jsonl.gz`` (or ``.jsonl``) or hub ``openai/openai_humane
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from melora.eval.sandbox import Harness, SandboxLimits, containment, require_containment, run_program
-from melora.eval.scoring import TaskResult, greedy_generate
+from melora.args import UserError
+from melora.eval.datafiles import need, read_jsonl
+from melora.eval.sandbox import (
+    Harness,
+    SandboxError,
+    SandboxLimits,
+    SandboxResult,
+    WeakSandboxError,
+    containment,
+    require_containment,
+    run_program,
+)
+from melora.eval.scoring import TaskResult, greedy_generate, progress
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +47,30 @@ NO_PERMISSION = (
     "HumanEval executes model-written code: pass --allow-code-execution (allow_code_execution=True) "
     "to run it in a sandboxed subprocess, or drop humaneval from --tasks."
 )
+
+
+class CodeExecutionNotAllowed(UserError, PermissionError):
+    """HumanEval asked for without ``--allow-code-execution``: one line (exit 2) in the CLI."""
+
+
+class SandboxRefused(UserError, WeakSandboxError):
+    """The sandbox here lacks a required containment and that was not accepted: one line in the CLI."""
+
+
+def require_permission(allow_code_execution: bool) -> None:
+    """Refuse (:class:`CodeExecutionNotAllowed`) unless code execution was allowed."""
+    if not allow_code_execution:
+        raise CodeExecutionNotAllowed(NO_PERMISSION)
+
+
+def require_sandbox(accept_weak_sandbox: bool = False):
+    """:func:`~melora.eval.sandbox.require_containment`, its refusal as a :class:`SandboxRefused`."""
+    try:
+        return require_containment(accept_weak_sandbox)
+    except WeakSandboxError as exc:
+        if isinstance(exc, UserError):
+            raise
+        raise SandboxRefused(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -60,9 +94,18 @@ def load(data_dir: Path | None, limit: int | None = None) -> list[Problem]:
     files = sorted(data_dir.glob("*.jsonl.gz")) or sorted(data_dir.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"No HumanEval file (HumanEval.jsonl.gz or .jsonl) under {data_dir}.")
-    opener = gzip.open if files[0].suffix == ".gz" else open
-    with opener(files[0], "rt", encoding="utf-8") as handle:
-        return [_problem(json.loads(line)) for line in handle if line.strip()][:limit]
+    return [_checked_problem(record, where) for where, record in read_jsonl(files[0])][:limit]
+
+
+def _checked_problem(record: dict, where: str) -> Problem:
+    """A problem from one JSONL record, or a UserError naming the file, the line and the field."""
+    problem = Problem(*(need(record, key, where) for key in ("task_id", "prompt", "entry_point", "test")))
+    if not problem.entry_point.isidentifier():
+        raise UserError(
+            f"{where}: entry_point {problem.entry_point!r} is not a Python function name; "
+            "it must name the function the prompt defines."
+        )
+    return problem
 
 
 def build_program(problem: Problem, completion: str) -> str:
@@ -81,13 +124,30 @@ def score_completions(
     limits: SandboxLimits | None = None,
     workers: int | None = None,
 ) -> TaskResult:
-    """Run each problem's tests against its completion; pass@1 is the passing fraction."""
+    """Run each problem's tests against its completion; pass@1 is the passing fraction.
+
+    Whatever one completion does, it costs at most its own problem: an error while scoring it
+    (other than :class:`~melora.eval.sandbox.SandboxError`, the sandbox itself unable to run)
+    is that problem's failure, with the reason, and the others are scored as usual.
+    """
     if not problems:
         raise ValueError("No HumanEval problems were evaluated; check --limit and the data folder.")
     workers = workers or min(4, os.cpu_count() or 1)
-    jobs = [(build_program(p, c), build_harness(p)) for p, c in zip(problems, completions)]
+    outcomes: list[SandboxResult | None] = [None] * len(problems)
+    bar = progress(len(problems), "HumanEval: running tests")
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outcomes = list(pool.map(lambda job: run_program(job[0], limits, job[1]), jobs))
+        pending = {
+            pool.submit(_score_one, p, c, limits): i for i, (p, c) in enumerate(zip(problems, completions))
+        }
+        try:
+            for future in as_completed(pending):
+                outcomes[pending[future]] = future.result()  # a SandboxError ends the evaluation here
+                bar.update(1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # no new sandbox runs after that
+            raise
+        finally:
+            bar.close()
     predictions = [
         {"task_id": p.task_id, "completion": c, "status": o.status, "reason": o.reason,
          "stderr": o.stderr[-500:]}
@@ -97,6 +157,19 @@ def score_completions(
     summary = {"pass@1": passed / len(problems)}
     details = {"status_counts": dict(Counter(o.status for o in outcomes)), "sandbox": containment().as_dict()}
     return TaskResult(summary, details, predictions)
+
+
+def _score_one(problem: Problem, completion: str, limits: SandboxLimits | None) -> SandboxResult:
+    """One problem's outcome; an unexpected error scoring it is its failure, not the evaluation's."""
+    start = time.monotonic()
+    try:
+        return run_program(build_program(problem, completion), limits, build_harness(problem))
+    except SandboxError:
+        raise
+    except Exception as exc:
+        reason = f"the sandbox could not score it: {type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+        logger.warning("HumanEval %s: %s", problem.task_id, reason)
+        return SandboxResult("failed", None, round(time.monotonic() - start, 3), reason=reason)
 
 
 def evaluate(
@@ -111,12 +184,12 @@ def evaluate(
 ) -> TaskResult:
     """Generate a greedy completion per problem, then score them in the sandbox.
 
-    Refuses (:class:`~melora.eval.sandbox.WeakSandboxError`) when the sandbox here lacks a
-    required containment, unless ``accept_weak_sandbox``.
+    Refuses (:class:`CodeExecutionNotAllowed`) without ``allow_code_execution``, and
+    (:class:`SandboxRefused`, a :class:`~melora.eval.sandbox.WeakSandboxError`) when the sandbox
+    here lacks a required containment, unless ``accept_weak_sandbox``; both are UserErrors.
     """
-    if not allow_code_execution:
-        raise PermissionError(NO_PERMISSION)
-    require_containment(accept_weak_sandbox)
+    require_permission(allow_code_execution)
+    require_sandbox(accept_weak_sandbox)
     logger.info("HumanEval: generating %d completions", len(problems))
     completions = greedy_generate(
         model, tokenizer, [p.prompt for p in problems], max_new_tokens or MAX_NEW_TOKENS, STOP, batch_size

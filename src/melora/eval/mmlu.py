@@ -15,6 +15,7 @@ the hub dataset ``cais/mmlu`` (same rows, same order).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from melora.args import UserError
+from melora.eval.datafiles import read_text
 from melora.eval.scoring import TaskResult, choice_logprobs, fit_shots, model_max_length
 
 logger = logging.getLogger(__name__)
@@ -68,16 +71,26 @@ class Subject:
 
 def _from_row(row: Sequence[str], where: str) -> Question:
     if len(row) != 6 or row[5] not in LETTERS:
-        raise ValueError(f"{where}: expected question, A, B, C, D, answer(A-D); got {row!r}.")
+        raise UserError(
+            f"{where}: expected 6 columns (question, A, B, C, D, answer A-D) with no header; "
+            f"got {len(row)} column(s) {row!r:.200}."
+        )
     return Question(row[0], (row[1], row[2], row[3], row[4]), row[5])
 
 
 def _read_csv(path: Path) -> list[Question]:
+    """The questions of one MMLU CSV; a defect is a UserError naming the file and the line."""
     csv.field_size_limit(
         min(sys.maxsize, 2**31 - 1)
     )  # some MMLU fields exceed csv's 131,072-character default
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [_from_row(row, f"{path}:{i + 1}") for i, row in enumerate(csv.reader(handle))]
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    questions = []
+    try:
+        for row in reader:
+            questions.append(_from_row(row, f"{path}, line {reader.line_num}"))
+    except csv.Error as exc:
+        raise UserError(f"{path}, line {reader.line_num}: not valid CSV ({exc}).") from None
+    return questions
 
 
 def _read_hub(subject: str, split: str) -> list[Question]:

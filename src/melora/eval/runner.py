@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from melora.eval import bbh, drop, humaneval, mmlu
-from melora.eval.sandbox import ACCEPT_FLAG, require_containment
+from melora.eval.sandbox import ACCEPT_FLAG
 from melora.eval.scoring import TaskResult
 from melora.io import atomic_write_text
 from melora.provenance import provenance
@@ -263,9 +263,10 @@ def run_eval(
     start = time.perf_counter()
     names = parse_tasks(tasks)
     limits = task_limits(limit, names)
-    if "humaneval" in names and not allow_code_execution:
-        raise PermissionError(humaneval.NO_PERMISSION)
-    sandbox = require_containment(accept_weak_sandbox).as_dict() if "humaneval" in names else None
+    sandbox = None
+    if "humaneval" in names:  # both refusals come before any data or model is loaded
+        humaneval.require_permission(allow_code_execution)
+        sandbox = humaneval.require_sandbox(accept_weak_sandbox).as_dict()
     adapter, record = resolve_adapter(adapter)
     described = describe(model, adapter, record)
     data = {name: TASKS[name].load(task_data_dir(data_dir, name), limits[name]) for name in names}

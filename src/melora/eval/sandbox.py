@@ -36,6 +36,15 @@ The verdict ("passed")
     secret can be kept from code running in the same address space. Score untrusted code
     through a harness.
 
+What the program leaves behind
+    After the run, init lists the program's working directory (``SandboxResult.files``) within
+    bounds: folders nested at most ``_LIST_DEPTH`` deep, ``_LIST_ENTRIES`` entries, ``_LIST_SECONDS``;
+    symbolic links are never followed and names that are not UTF-8 are shown escaped. A program
+    that defeats the listing (too deep, too many, too long a path, a folder made unreadable) fails,
+    "the program left files the sandbox could not list: <why>", and the run goes on. The evaluator
+    then removes the directory (where no private tmpfs held it) by file descriptor: no recursion,
+    no path that grows with the depth, no link followed; what resists is logged, never raised.
+
 Contained (each one where the kernel allows it; :func:`containment` says which ones work here)
     * ``unprivileged-user``: when the evaluator runs as root, harness and program run as
       ``nobody`` (65534) with no supplementary groups, so they cannot signal, trace or read
@@ -99,7 +108,14 @@ _TAIL_BYTES = 2000
 _GRACE_S = 15.0  # launcher start-up and tear-down on top of the program's own timeout
 _MAX_FRAME = 32 * 1024 * 1024
 _MAX_DEPTH = 100
-_MAX_FILES = 1000
+_MAX_FILES = 1000  # names reported; more are counted, not named
+# The listing of what the program left is bounded, whatever the program did to its files: past any
+# of these it stops, and the program fails ("the program left files the sandbox could not list").
+_LIST_DEPTH = 64  # nested folders
+_LIST_ENTRIES = 10_000  # directory entries examined
+_LIST_SECONDS = 3.0  # well inside _GRACE_S
+_NAME_CHARS = 300  # of one reported path
+_CLEANUP_S = 120.0  # removing the working directory (without a private tmpfs) gives up after this
 
 # Linux constants (sched.h, mount.h, prctl.h)
 _NAMESPACES = {
@@ -234,58 +250,73 @@ def run_program(
 
 def _run(source: str, limits: SandboxLimits, harness: Harness | None) -> tuple[SandboxResult, dict]:
     token = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(prefix="melora-sandbox-", ignore_cleanup_errors=True) as tmp:
-        work = Path(tmp)
-        if os.geteuid() == 0:
-            os.chown(work, NOBODY, NOBODY)  # used as is when no private tmpfs can be mounted
-        job = {
-            "source": source,
-            "workdir": tmp,
-            "limits": limits.rlimits(),
-            "timeout_s": limits.timeout_s,
-            "disk_mb": limits.disk_mb,
-            "harness": None if harness is None else dataclasses.asdict(harness),
-            "token": token,
-            "python": sys.executable,
-            "expose": _interpreter_paths(),
-        }
-        start = time.monotonic()
-        with open(work / "stdout.txt", "wb+") as out, open(work / "stderr.txt", "wb+") as err:
-            job["stdout_fd"] = out.fileno()
-            proc = subprocess.Popen(
-                [sys.executable, "-I", _SCRIPT, "launch"],
-                cwd=tmp,
-                env={"PATH": os.defpath},
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                pass_fds=(out.fileno(),),
-                start_new_session=True,
-            )
-            overran = False
-            try:
-                raw, _ = proc.communicate(json.dumps(job).encode(), timeout=limits.timeout_s + _GRACE_S)
-            except subprocess.TimeoutExpired:
-                raw, overran = b"", True
-            finally:
-                _kill_group(proc)
-            stdout, stderr = _tail(out.fileno()), _tail(err.fileno())
-        duration = round(time.monotonic() - start, 3)
-        report = _parse_report(raw, proc.returncode, overran, stderr)
-        status, returncode, reason = _verdict(report, harness, token, limits)
-        result = SandboxResult(
-            status=status,
-            returncode=returncode,
-            duration_s=duration,
-            stdout=stdout,
-            stderr=stderr,
-            files=report.get("files", []),
-            workdir=tmp,
-            reason=reason,
-            containment=tuple(report.get("containment", ())),
-            missing=tuple(report.get("missing", ())),
+    tmp = tempfile.mkdtemp(prefix="melora-sandbox-")
+    try:
+        return _run_in(tmp, token, source, limits, harness)
+    finally:
+        _remove_tree(tmp)  # whatever the program left there (without a private tmpfs), never raises
+
+
+def _run_in(
+    tmp: str, token: str, source: str, limits: SandboxLimits, harness: Harness | None
+) -> tuple[SandboxResult, dict]:
+    work = Path(tmp)
+    if os.geteuid() == 0:
+        os.chown(work, NOBODY, NOBODY)  # used as is when no private tmpfs can be mounted
+    job = {
+        "source": source,
+        "workdir": tmp,
+        "limits": limits.rlimits(),
+        "timeout_s": limits.timeout_s,
+        "disk_mb": limits.disk_mb,
+        "harness": None if harness is None else dataclasses.asdict(harness),
+        "token": token,
+        "python": sys.executable,
+        "expose": _interpreter_paths(),
+    }
+    start = time.monotonic()
+    with open(work / "stdout.txt", "wb+") as out, open(work / "stderr.txt", "wb+") as err:
+        job["stdout_fd"] = out.fileno()
+        proc = subprocess.Popen(
+            [sys.executable, "-I", _SCRIPT, "launch"],
+            cwd=tmp,
+            env={"PATH": os.defpath},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            pass_fds=(out.fileno(),),
+            start_new_session=True,
         )
-        return result, report
+        overran = False
+        try:
+            raw, _ = proc.communicate(json.dumps(job).encode(), timeout=limits.timeout_s + _GRACE_S)
+        except subprocess.TimeoutExpired:
+            raw, overran = b"", True
+        finally:
+            _kill_group(proc)
+        stdout, stderr = _tail(out.fileno()), _tail(err.fileno())
+    duration = round(time.monotonic() - start, 3)
+    report = _parse_report(raw, proc.returncode, overran, stderr)
+    status, returncode, reason = _verdict(report, harness, token, limits)
+    if report.get("unlisted"):  # a listing it defeated: never a pass
+        note = f"the program left files the sandbox could not list: {report['unlisted']}"
+        if status == "passed":
+            status, reason = "failed", note
+        elif status == "failed":
+            reason = f"{reason}; {note}" if reason else note
+    result = SandboxResult(
+        status=status,
+        returncode=returncode,
+        duration_s=duration,
+        stdout=stdout,
+        stderr=stderr,
+        files=report.get("files", []),
+        workdir=tmp,
+        reason=reason,
+        containment=tuple(report.get("containment", ())),
+        missing=tuple(report.get("missing", ())),
+    )
+    return result, report
 
 
 def _interpreter_paths() -> list[str]:
@@ -498,7 +529,8 @@ def _init(job: dict, active: list[str], reasons: dict[str, str]) -> int:
     if "pid-namespace" not in active:
         reasons.setdefault("private-proc", "no pid namespace")
     fd = os.open(os.path.join(work, "prog.py"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with open(fd, "w", encoding="utf-8") as handle:
+    # surrogatepass: a source with a lone surrogate is written, and then fails to load (its failure)
+    with open(fd, "w", encoding="utf-8", errors="surrogatepass") as handle:
         handle.write(job["source"])
     active += ["rlimits", "guard"]
     names = ["unprivileged-user", *([] if uid is not None else ["user-namespace"]), *_NAMESPACES,
@@ -514,7 +546,12 @@ def _init(job: dict, active: list[str], reasons: dict[str, str]) -> int:
     except Exception as exc:
         traceback.print_exc()
         report["error"] = f"{type(exc).__name__}: {exc}"
-    report["files"] = _list_files(work)
+    try:
+        report["files"], unlisted = _list_files(work)
+    except Exception as exc:  # _list_files does not raise; the report must go out regardless
+        report["files"], unlisted = [], f"{type(exc).__name__}: {exc}"[:300]
+    if unlisted:
+        report["unlisted"] = unlisted
     os.write(1, (json.dumps(report) + "\n").encode())
     return 0
 
@@ -734,13 +771,136 @@ def _drain(fd: int) -> bytes:
         os.close(fd)
 
 
-def _list_files(work: str) -> list[str]:
+def _list_files(work: str) -> tuple[list[str], str]:
+    """What the program left under ``work``: up to ``_MAX_FILES`` paths of files (anything but a
+    folder: symbolic links are listed, never followed), sorted, and why the listing is incomplete
+    ("" when it is not). Iterative and bounded in depth, entries and time; opens every folder
+    relative to ``work`` and without following links; names that are not UTF-8 are shown with
+    ``\\xNN`` escapes. Never raises: a folder it cannot read ends the listing with the reason."""
     found: list[str] = []
-    for count, (folder, _, names) in enumerate(os.walk(work)):  # does not follow symbolic links
-        found += [os.path.relpath(os.path.join(folder, n), work) for n in names]
-        if len(found) > _MAX_FILES or count > _MAX_FILES:
-            break
-    return sorted(f for f in found if f not in _RESERVED)[:_MAX_FILES]
+    deadline = time.monotonic() + _LIST_SECONDS
+    examined = 0
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        root = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        return [], f"its working directory: {exc.strerror or exc}"
+    pending = [("", "", 0)]  # (path relative to work, the path as shown, depth)
+    problem = ""
+    try:
+        while pending and not problem:
+            path, shown, depth = pending.pop()
+            fd = -1
+            try:
+                fd = os.open(path or ".", flags, dir_fd=root)
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        examined += 1
+                        if examined > _LIST_ENTRIES:
+                            problem = f"more than {_LIST_ENTRIES:,} files and folders"
+                        elif time.monotonic() > deadline:
+                            problem = f"more than {_LIST_SECONDS:g} s to list"
+                        if problem:
+                            break
+                        if not path and entry.name in _RESERVED:
+                            continue
+                        name = os.fsencode(entry.name).decode("utf-8", errors="backslashreplace")
+                        child, child_shown = f"{path}/{entry.name}", f"{shown}/{name}"
+                        if not path:
+                            child, child_shown = entry.name, name
+                        if entry.is_dir(follow_symlinks=False):
+                            if depth >= _LIST_DEPTH:
+                                problem = f"folders nested more than {_LIST_DEPTH} deep"
+                                break
+                            pending.append((child, child_shown, depth + 1))
+                        elif len(found) < _MAX_FILES:
+                            found.append(child_shown[:_NAME_CHARS])
+            except OSError as exc:
+                where = shown if len(shown) <= 80 else f"{shown[:40]}...{shown[-30:]} ({len(shown):,} chars)"
+                problem = f"{where or '.'}: {exc.strerror or type(exc).__name__}"
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+    except Exception as exc:  # e.g. MemoryError: still a report, and a failure
+        problem = f"{type(exc).__name__}: {exc}"[:_NAME_CHARS]
+    finally:
+        os.close(root)
+    return sorted(found), problem
+
+
+def _remove_tree(top: str) -> None:
+    """Remove ``top`` and everything in it, however deep and many, whatever the names and modes
+    the program gave them (a folder it made unreadable or read-only is given back to its owner
+    first: only where the evaluator is not root, so never anyone else's file). Walks by file
+    descriptor (no path grows with the depth, no recursion), never follows symbolic links, and
+    never raises: what cannot be removed is logged and left."""
+    try:
+        _remove_tree_by_fd(top)
+    except Exception as exc:
+        logger.warning("Could not remove the sandbox directory %s entirely: %s", top, exc)
+
+
+def _open_folder(name: str, dir_fd: int | None = None) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    try:
+        return os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:  # made unreadable by the program (it runs as the evaluator's user)
+        os.chmod(name, 0o700, dir_fd=dir_fd)
+        return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _empty_but_folders(fd: int) -> str | None:
+    """Unlink everything but folders in the folder ``fd``; the name of a folder in it, if any."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                return entry.name
+            try:
+                os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+            except PermissionError:  # a folder made read-only
+                os.fchmod(fd, 0o700)
+                os.unlink(entry.name, dir_fd=fd)
+    return None
+
+
+def _remove_tree_by_fd(top: str) -> None:
+    try:
+        fd = _open_folder(top)
+    except FileNotFoundError:
+        return
+    above: list[tuple[str, tuple[int, int]]] = []  # (name of each open folder, its parent's identity)
+    deadline = time.monotonic() + _CLEANUP_S
+    try:
+        while True:
+            if time.monotonic() > deadline:  # something still writing there (no pid namespace)
+                raise OSError(f"{top} was still not empty after {_CLEANUP_S:g} s")
+            child = _empty_but_folders(fd)
+            if child is not None:
+                parent = os.fstat(fd)
+                sub = _open_folder(child, fd)
+                os.close(fd)
+                fd = sub
+                above.append((child, (parent.st_dev, parent.st_ino)))
+                continue
+            if not above:
+                break
+            name, identity = above.pop()
+            parent_fd = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = parent_fd
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != identity:  # moved meanwhile: stop rather than go elsewhere
+                raise OSError(f"a folder under {top} was moved during the cleanup")
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except PermissionError:
+                os.fchmod(fd, 0o700)
+                os.rmdir(name, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(top)
 
 
 # The values that cross between harness and program: JSON, with containers tagged.

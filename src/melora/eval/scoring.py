@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,11 +52,42 @@ def fit_shots(build: Callable[[int], str], shots: int, tokenizer, max_tokens: in
     return build(0), 0
 
 
-def _progress(total: int, desc: str):
-    """A progress bar over ``total`` rows (stderr; silent when not attached to a terminal and for tiny jobs)."""
-    from tqdm.auto import tqdm
+LOG_EVERY_S = 30.0  # a progress line in the log this often when stderr is not a terminal
 
-    return tqdm(total=total, desc=desc, unit="q", leave=False, disable=total < 8 or None)
+
+class _Progress:
+    """A tqdm bar on stderr over ``total`` rows; where stderr is not a terminal (a log file, a job
+    scheduler) the bar is off and a line "<desc>: k/N (x s)" is logged every ``LOG_EVERY_S`` seconds."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.done = total, desc, 0
+        self.start = self.logged = time.monotonic()
+        terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="q", leave=False, disable=total < 8 or not terminal)
+        self.log = not terminal and total >= 8
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        self.done += n
+        now = time.monotonic()
+        if self.log and now - self.logged >= LOG_EVERY_S and self.done < self.total:
+            self.logged = now
+            logger.info("%s: %d/%d (%.0f s)", self.desc, self.done, self.total, now - self.start)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def progress(total: int, desc: str) -> _Progress:
+    """Progress over ``total`` rows: a bar on a terminal, else a log line every ``LOG_EVERY_S`` s."""
+    return _Progress(total, desc)
+
+
+_progress = progress
 
 
 def _cut_left(rows: list[list[int]], limit: int, what: str) -> list[list[int]]:
@@ -218,7 +250,6 @@ def continuation_logprobs(
     runner = _Runner(model, _pad_id(tokenizer))
     bar = _progress(len(rows), "scoring")
     for cache, prefix_len, batch in runner.units(rows, groups, [k + 1 for k in n_cont], batch_size):
-        bar.update(len(batch))
         suffixes = [rows[i][prefix_len:] for i in batch]
         keep = max(n_cont[i] for i in batch) + 1
         logits, _, _ = runner.rows_forward(cache, prefix_len, suffixes, keep, use_cache=False)  # (B, keep, V)
@@ -229,6 +260,7 @@ def continuation_logprobs(
             # column t predicts the token in column t + 1: the last k + 1 columns score the last k tokens
             picked = logprobs[b, keep - k - 1 : keep - 1].gather(-1, targets[:, None])  # (k, 1)
             out[i] = float(picked.sum())
+        bar.update(len(batch))
     bar.close()
     return out
 
@@ -264,12 +296,12 @@ def choice_logprobs(
     runner = _Runner(model, _pad_id(tokenizer))
     bar = _progress(len(rows), "scoring")
     for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
-        bar.update(len(batch))
         logits, _, _ = runner.rows_forward(
             cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, use_cache=False
         )
         final = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
         out[batch] = final[:, targets.to(final.device)].cpu()  # (B, K)
+        bar.update(len(batch))
     bar.close()
     return out
 
@@ -324,7 +356,6 @@ def greedy_generate(
     out = [""] * len(rows)
     bar = _progress(len(rows), "generating")
     for cache, prefix_len, batch in runner.units(rows, groups, [1] * len(rows), batch_size):
-        bar.update(len(batch))
         logits, mask, cache_b = runner.rows_forward(
             cache, prefix_len, [rows[i][prefix_len:] for i in batch], 1, True
         )
@@ -354,5 +385,6 @@ def greedy_generate(
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(batch, texts):
             out[i] = truncate_at_stop(text, stop)
+        bar.update(len(batch))
     bar.close()
     return out
