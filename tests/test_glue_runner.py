@@ -365,3 +365,23 @@ def test_readme_main_job_shortened_beats_the_trivial_baseline(tmp_path, capsys):
     score, baseline = results["best"][key], results["trivial_baseline"][key]
     assert "trivial baseline" in printed and f"{score:.4f}" in printed
     assert score > baseline + 0.3, f"{key} {score:.3f} vs trivial baseline {baseline:.3f}"
+
+
+def test_unwritable_output_dir_is_refused_before_data_or_model(tiny, tmp_path, monkeypatch):
+    """A folder without write permission failed only at the final save, after training (root can't make one:
+    the write probe is refused instead)."""
+    import re
+    import tempfile
+
+    def denied(*args, dir=None, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / ".probe"))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data was read before the output folder was checked")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    monkeypatch.setattr("melora.data.glue.load_glue", no_data)
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=rf"^output folder {re.escape(str(out))} is not writable: Permission denied; "
+                                        r"pass --output-dir a folder you can write to"):  # fmt: skip
+        run_glue(tiny_config(tiny, out))

@@ -170,8 +170,15 @@ def test_alpaca_and_dolly_files_load(tmp_path):
     dolly.write_text(
         json.dumps({"instruction": "q", "context": "c", "response": "r", "category": "qa"}) + "\n\n"
     )
-    examples = load_examples([alpaca, dolly])
-    assert examples == [InstructExample("i", "x", "o"), InstructExample("q", "c", "r")]
+    nulls = write_json(
+        tmp_path / "c.json", [{"instruction": "i", "context": None, "response": "r", "category": None}]
+    )
+    examples = load_examples([alpaca, dolly, nulls])
+    assert examples == [
+        InstructExample("i", "x", "o"),
+        InstructExample("q", "c", "r"),
+        InstructExample("i", "", "r"),
+    ]
 
 
 def test_folder_loads_in_file_name_order(tmp_path):
@@ -190,15 +197,18 @@ def test_folder_loads_in_file_name_order(tmp_path):
         ('{"instruction": "i"}', r"bad\.json: expected a JSON array of records, got dict"),
         (
             '[{"instruction": "i", "output": "o"}, {"instruction": "i", "answer": "a"}]',
-            r"bad\.json record 1: unknown field\(s\) answer; expected alpaca",
+            r"bad\.json record 1 \(line 1\): unknown field\(s\) answer; expected alpaca",
         ),
         (
             '[{"instruction": "i", "input": "x"}]',
-            r"bad\.json record 0: fields \['input', 'instruction'\] match no format",
+            r"bad\.json record 0 \(line 1\): fields \['input', 'instruction'\] match no format",
         ),
-        ('[{"instruction": "i", "output": 3}]', r"bad\.json record 0: field\(s\) output must be strings"),
-        ('[{"instruction": " ", "output": "o"}]', r"bad\.json record 0: empty 'instruction'"),
-        ('["just a string"]', r"bad\.json record 0: expected a JSON object, got str"),
+        (
+            '[{"instruction": "i", "output": 3}]',
+            r"bad\.json record 0 \(line 1\): field 'output' is int \(3\)",
+        ),
+        ('[{"instruction": " ", "output": "o"}]', r"bad\.json record 0 \(line 1\): empty 'instruction'"),
+        ('["just a string"]', r"bad\.json record 0 \(line 1\): expected a JSON object, got str"),
     ],
 )
 def test_malformed_json_files_name_the_file_and_record(tmp_path, content, match):
@@ -247,3 +257,76 @@ def test_real_dolly_shard_loads():
     if not path.is_file():
         pytest.skip(f"real Dolly data not found at {path}")
     assert len(load_file(path)) == 80
+
+
+# --- the type of every field, bad bytes, bad JSON: file, record (line) and field ------------------------
+
+
+@pytest.mark.parametrize(
+    ("record", "match"),
+    [
+        ({"instruction": "i", "output": 0}, r"field 'output' is int \(0\); expected a string \(the response text\)"),
+        ({"instruction": "i", "output": []}, r"field 'output' is list \(\[\]\); expected a string"),
+        ({"instruction": "i", "output": False}, r"field 'output' is bool \(false\); expected a string"),
+        ({"instruction": "i", "output": None}, r"field 'output' is null; expected a string"),
+        ({"instruction": 5, "output": "o"}, r"field 'instruction' is int \(5\); expected a string"),
+        ({"instruction": "i", "input": 0, "output": "o"}, r"field 'input' is int \(0\); expected a string \(the input text, or leave it out\)"),
+        ({"instruction": "i", "input": {}, "output": "o"}, r"field 'input' is dict \(\{\}\)"),
+        ({"instruction": "i", "response": False}, r"field 'response' is bool \(false\); expected a string"),
+        ({"instruction": "i", "context": [], "response": "r"}, r"field 'context' is list \(\[\]\)"),
+        ({"instruction": "i", "response": "r", "category": 3}, r"field 'category' is int \(3\)"),
+    ],
+)  # fmt: skip
+def test_every_field_must_be_a_string_never_read_as_empty(tmp_path, record, match):
+    from melora.args import UserError
+
+    path = tmp_path / "data.json"
+    path.write_text(
+        "[\n" + json.dumps({"instruction": "ok", "output": "fine"}) + ",\n" + json.dumps(record) + "\n]"
+    )
+    with pytest.raises(UserError, match=r"data\.json record 1 \(line 3\): " + match):
+        load_file(path)
+    lines = tmp_path / "data.jsonl"
+    lines.write_text(json.dumps({"instruction": "ok", "output": "fine"}) + "\n\n" + json.dumps(record) + "\n")
+    with pytest.raises(UserError, match=r"data\.jsonl, line 3: " + match):
+        load_file(lines)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path, suffix):
+    from melora.args import UserError
+
+    path = tmp_path / f"latin{suffix}"
+    good = json.dumps({"instruction": "i", "output": "o"}).encode()
+    body = good + b"\n" + b'{"instruction": "caf\xe9", "output": "o"}\n'
+    path.write_bytes(b"[" + good + b",\n" + body.split(b"\n")[1] + b"]" if suffix == ".json" else body)
+    with pytest.raises(
+        UserError, match=rf"latin\{suffix}, line 2: byte b'\\xe9' is not UTF-8 .*save the file as UTF-8"
+    ):
+        load_examples([path])
+
+
+def test_invalid_json_names_file_line_and_column(tmp_path):
+    from melora.args import UserError
+
+    path = tmp_path / "bad.json"
+    path.write_text('[\n{"instruction": "i", "output": "o"},\n{"instruction": "i" "output": "o"}\n]')
+    with pytest.raises(
+        UserError, match=r"bad\.json: not valid JSON \(Expecting ',' delimiter at line 3, column 21\)"
+    ):
+        load_file(path)
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"instruction": "i", "output": "o"}\n{"instruction": "i",}\n')
+    with pytest.raises(UserError, match=r"bad\.jsonl: line 2 is not valid JSON \(.* at column 21\)"):
+        load_file(lines)
+
+
+def test_jsonl_lines_count_newlines_only(tmp_path):
+    """A JSON string may hold U+2028 raw; str.splitlines() split the record there and miscounted lines."""
+    path = tmp_path / "u.jsonl"
+    record = {"instruction": "a\u2028b", "output": "o"}
+    path.write_text(
+        json.dumps(record, ensure_ascii=False) + "\n" + json.dumps({"instruction": "i", "output": 0}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"u\.jsonl, line 2: field 'output' is int"):
+        load_file(path)

@@ -152,3 +152,87 @@ def test_mlp_unload_keeps_a_trained_linear_head():
     expected = model(x)
     merged = copy.deepcopy(model).merge_and_unload()
     torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# --- adapter configs from files: bounded before anything is allocated ----------------------------------
+
+
+def _saved_mlp_adapter(folder, **config_changes):
+    """A valid tiny MLP adapter (lin0 32->48, lin1 48->48; n=4, r=2) with its adapter_config.json edited."""
+    import json
+
+    from peft import get_peft_model
+
+    model = get_peft_model(TinyMLP(), MELoRAConfig(r=2, n=4, target_modules=["lin0", "lin1"]))
+    model.save_pretrained(folder)
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(config_changes)
+    path.write_text(json.dumps(config))
+    return folder
+
+
+def test_huge_r_in_adapter_config_is_refused_before_any_allocation(tmp_path):
+    """r=10**9 made PeftModel.from_pretrained try to allocate hundreds of GB for melora_A / melora_B."""
+    import time
+
+    from peft import PeftModel
+
+    from melora.args import UserError
+
+    folder = _saved_mlp_adapter(tmp_path / "adapter", r=10**9)
+    start = time.perf_counter()
+    with pytest.raises(
+        UserError,
+        match=r"r=1000000000 is too large for lin0: its n=4 mini LoRAs have blocks of in_features/n=8 x "
+        r"out_features/n=12 \(in_features=32, out_features=48\), so a mini LoRA's rank can be at most 8\. "
+        r'Use r <= 8 \(or r_pattern=\{"lin0": 8\} for this module\), or a smaller n; in a saved adapter, '
+        r"fix r in its adapter_config\.json\.",
+    ):
+        PeftModel.from_pretrained(TinyMLP(), folder)
+    assert time.perf_counter() - start < 10
+
+
+def test_rank_above_the_block_size_is_refused_and_the_block_size_accepted():
+    from peft import get_peft_model
+
+    with pytest.raises(
+        ValueError, match=r"r=13 is too large for lin1: .* blocks of in_features/n=12 x out_features/n=12"
+    ):
+        get_peft_model(TinyMLP(), MELoRAConfig(r=13, n=4, target_modules=["lin1"]))
+    with pytest.raises(ValueError, match=r"r=9 is too large for lin0: .*at most 8"):
+        get_peft_model(
+            TinyMLP(), MELoRAConfig(r=4, n=4, target_modules=["lin0", "lin1"], r_pattern={"lin0": 9})
+        )
+    model = get_peft_model(TinyMLP(), MELoRAConfig(r=8, n=4, target_modules=["lin0"]))  # full-rank blocks
+    assert tuple(model.base_model.model.lin0.melora_A["default"].shape) == (4, 8, 8)
+
+
+def test_invalid_adapter_config_file_is_named(tmp_path):
+    from peft import PeftModel
+
+    from melora.args import UserError
+
+    folder = _saved_mlp_adapter(tmp_path / "adapter", r=0, init_weights="false")
+    with pytest.raises(UserError, match=r"(?s)adapter.adapter_config\.json: Invalid MELoRAConfig:.*r=0: .*"
+                                        r"init_weights='false': must be true or false.*Fix the values in that file"):  # fmt: skip
+        PeftModel.from_pretrained(TinyMLP(), folder)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"init_weights": "false"}, r"init_weights='false': must be true or false \(a boolean, not str\)"),
+        ({"init_weights": 0}, r"init_weights=0: must be true or false \(a boolean, not int\)"),
+        ({"fan_in_fan_out": "yes"}, r"fan_in_fan_out='yes': must be true or false"),
+        ({"target_modules": 5}, r"target_modules=5: must be a list of module names or a regex string"),
+        ({"target_modules": ["q_proj", 3]}, r"target_modules=.*: must be a list of module names"),
+        ({"exclude_modules": {"a": 1}}, r"exclude_modules=\{'a': 1\}: must be a list of module names"),
+        ({"modules_to_save": "head"}, r"modules_to_save='head': must be a list of module names, e\.g\."),
+        ({"layers_to_transform": [0, -1]}, r"layers_to_transform=\[0, -1\]: must be a layer index >= 0"),
+        ({"layers_to_transform": "0"}, r"layers_to_transform='0': must be a layer index >= 0"),
+    ],
+)
+def test_config_field_types_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MELoRAConfig(**{"r": 1, "n": 4, **kwargs})

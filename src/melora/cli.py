@@ -4,7 +4,8 @@ Each subcommand lives in its own module exposing ``add_parser(subparsers)``, whi
 subparser and sets ``func`` (called with the parsed namespace). Only the chosen subcommand's module
 is imported, so ``melora --help`` does not load PyTorch.
 
-User errors (a bad flag value, a missing file, n not dividing a layer) print one line and exit 2;
+User errors (a bad flag value, a missing file, n not dividing a layer, an output path that is a file or
+not writable) print one line and exit 2; Ctrl-C prints ``melora CMD: interrupted`` and exits 130.
 ``--debug`` (or ``MELORA_DEBUG=1``) shows the traceback instead.
 """
 
@@ -29,8 +30,27 @@ SUBCOMMANDS = {
     "bench": ("melora.bench.runner", "speed / memory / parameter benchmarks"),
     "export-lora": ("melora.export", "convert a MELoRA adapter into a standard LoRA adapter"),
 }
-# Errors that are the user's to fix: one line, exit status 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+# Errors that are the user's to fix: one line, exit status 2. The OSErrors are about a path the user gave (a
+# missing input, an output path that is a file, a folder without write permission); other OSErrors (a full
+# disk, an I/O error) keep their traceback.
+PATH_ERRORS: tuple[type[OSError], ...] = (
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+    PermissionError,
+)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, *PATH_ERRORS, KeyError)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
+
+# what a path error means for the path, and what to do about it
+_PATH_FIXES = {
+    FileNotFoundError: "no such file or folder; check the path",
+    NotADirectoryError: "a part of this path is a file, not a folder; choose another path",
+    IsADirectoryError: "is a folder where a file was expected; give a file path",
+    FileExistsError: "already exists (as a file or folder in the way); choose another path or move it away",
+    PermissionError: "permission denied; choose a path you can read and write, or change its permissions",
+}
 
 
 def _top_parser() -> argparse.ArgumentParser:
@@ -69,17 +89,45 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser(command).parse_args(argv)
         status = int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _default_sigint()  # a second Ctrl-C while Python shuts down ends the process at once, silently
+        print(f"melora {command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except USER_ERRORS as err:
         if debug:
             raise
-        message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-        if isinstance(err, KeyError) and len(message.split()) <= 1:  # a bare lookup failure, not our message
-            message = f"KeyError {message!r} (an unknown name inside a library; --debug shows where)"
-        print(f"melora {command}: error: {' '.join(message.split())}", file=sys.stderr)
+        print(f"melora {command}: error: {' '.join(error_message(err).split())}", file=sys.stderr)
         print("(rerun with --debug for the traceback)", file=sys.stderr)
         return 2
     close_process_group()
     return status
+
+
+def error_message(err: BaseException) -> str:
+    """The one line for a user error: its message; for an OSError from a library, the path and what it means."""
+    if isinstance(err, KeyError):
+        message = str(err.args[0]) if err.args else str(err)
+        if len(message.split()) <= 1:  # a bare lookup failure, not our message
+            message = f"KeyError {message!r} (an unknown name inside a library; --debug shows where)"
+        return message
+    if isinstance(err, OSError) and err.filename is not None:  # raised by open(), mkdir(), ... : errno form
+        fix = next(text for kind, text in _PATH_FIXES.items() if isinstance(err, kind))
+        # a rename (an atomic write) names its source, a temporary file, first: the user's path is its target
+        renamed = err.filename2 is not None and not isinstance(err, FileNotFoundError)
+        path = str(err.filename2 if renamed else err.filename)
+        return f"{path}: {fix} ({err.strerror or type(err).__name__})."
+    return str(err)
+
+
+def _default_sigint() -> None:
+    import signal
+
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    except ValueError:  # not the main thread
+        pass
 
 
 def close_process_group() -> None:

@@ -12,17 +12,22 @@ default quoting would use to merge rows silently.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
+from melora.args import UserError
+
 logger = logging.getLogger(__name__)
 
 HUB_DATASET = "nyu-mll/glue"
+STSB_RANGE = (0.0, 5.0)  # STS-B similarity scores
 
 
 @dataclass(frozen=True)
@@ -117,33 +122,76 @@ def _column_index(header: list[str] | None, column: str | int, path: Path) -> in
         return column
     assert header is not None
     if column not in header:
-        raise ValueError(f"{path}: expected a column {column!r} in the header, found {header}.")
+        raise UserError(
+            f"{path}: expected a column {column!r} in the header (line 1), found {header}; "
+            "use the original GLUE TSV file (its header names the columns) for this task."
+        )
     return header.index(column)
 
 
+def _label_range(task: GlueTask) -> str:
+    if task.is_regression:
+        return f"a similarity score in [{STSB_RANGE[0]:g}, {STSB_RANGE[1]:g}]"
+    if task.label_names is not None:
+        return f"one of {', '.join(task.label_names)}"
+    return "one of " + ", ".join(str(i) for i in range(task.num_labels))
+
+
 def _parse_label(task: GlueTask, raw: str, path: Path, line: int) -> int | float:
+    """The label of one row, checked against the task's range (a class id the model has, or 0..5)."""
+    value: int | float | None = None
+    text = raw.strip()
+    if task.is_regression:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is not None and not STSB_RANGE[0] <= value <= STSB_RANGE[1]:  # also NaN and inf
+            value = None
+    elif task.label_names is not None:
+        value = task.label_names.index(text) if text in task.label_names else None
+    elif re.fullmatch(r"[+-]?\d+", text) and 0 <= int(text) < task.num_labels:
+        value = int(text)
+    if value is None:
+        raise UserError(
+            f"{path}, line {line}: label {raw!r} is not {_label_range(task)} (GLUE {task.name}); "
+            "fix or remove that row."
+        )
+    return value
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """``data`` as UTF-8 (a leading BOM dropped); a bad byte is a UserError naming the file and line."""
     try:
-        if task.is_regression:
-            return float(raw)
-        if task.label_names is not None:
-            return task.label_names.index(raw)
-        return int(raw)
-    except ValueError:
-        expected = "a number" if task.label_names is None else f"one of {task.label_names}"
-        raise ValueError(f"{path}, line {line}: label {raw!r} is not {expected}.") from None
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(
+            f"{path}, line {line}: byte {data[err.start : err.start + 1]!r} is not UTF-8 ({err.reason}); "
+            "GLUE TSVs are UTF-8: save the file as UTF-8."
+        ) from None
 
 
 def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
-    """Read one labelled GLUE TSV into columns ``sentence1`` [``sentence2``] ``label``."""
+    """Read one labelled GLUE TSV into columns ``sentence1`` [``sentence2``] ``label``.
+
+    Every problem of the file (not UTF-8, empty, a missing column, a short row, a label outside the task's
+    range) is a :class:`UserError` naming the file and, where there is one, the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"GLUE {task.name}: missing file {path}; expected the original GLUE TSV layout "
             f"(<data-dir>/{task.folder}/train.tsv and {', '.join(task.eval_files.values())})."
         )
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
-    header = [name.strip() for name in rows.pop(0)] if task.has_header and rows else None
+    text = _decode(path, path.read_bytes())
+    rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+    layout = "a header line and" if task.has_header else "no header,"
+    if not any(rows):
+        raise UserError(
+            f"{path}: the file is empty; expected the GLUE {task.name} TSV ({layout} one example per line)."
+        )
+    header = [name.strip() for name in rows.pop(0)] if task.has_header else None
     text_idx = [_column_index(header, col, path) for col in task.text_columns]
     label_idx = _column_index(header, task.label_column, path)
     needed = max(*text_idx, label_idx) + 1
@@ -154,14 +202,17 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
         if not row:
             continue
         if len(row) < needed:
-            raise ValueError(
-                f"{path}, line {line}: expected at least {needed} tab-separated fields, got {len(row)}."
+            raise UserError(
+                f"{path}, line {line}: expected at least {needed} tab-separated fields, got {len(row)}; "
+                "fix or remove that row."
             )
         for i, idx in enumerate(text_idx):
             columns[f"sentence{i + 1}"].append(row[idx])
         columns["label"].append(_parse_label(task, row[label_idx], path, line))
     if not columns["label"]:
-        raise ValueError(f"{path}: no data rows found.")
+        raise UserError(
+            f"{path}: no data rows found (only a header); expected the GLUE {task.name} examples below it."
+        )
     return columns
 
 

@@ -17,12 +17,15 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from melora.args import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -68,58 +71,135 @@ def _expected_formats() -> str:
     )
 
 
+_FIELD_ROLES = {
+    "instruction": "the instruction text",
+    "input": "the input text, or leave it out",
+    "context": "the context text, or leave it out",
+    "output": "the response text",
+    "response": "the response text",
+    "category": "the category name, or leave it out",
+}
+
+
+def _type_problem(key: str, value: Any, optional: bool) -> str | None:
+    """Why ``value`` cannot be field ``key`` (None when it is a string, or null for an optional field)."""
+    if isinstance(value, str) or (value is None and optional):
+        return None
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):  # a hub row may hold values JSON cannot show
+        text = repr(value)
+    shown = "null" if value is None else f"{type(value).__name__} ({text[:40]})"
+    return f"field {key!r} is {shown}; expected a string ({_FIELD_ROLES.get(key, 'text')})"
+
+
 def parse_record(record: Any, where: str) -> InstructExample:
-    """Turn one JSON object into an :class:`InstructExample`; ``where`` names it in errors."""
+    """Turn one JSON object into an :class:`InstructExample`; ``where`` names it in errors.
+
+    Every field must be a string; an optional field (Alpaca ``input``, Dolly ``context`` / ``category``)
+    may also be absent or null. ``0``, ``false`` or ``[]`` is an error, never an empty text.
+    """
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+        raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}.")
     keys = set(record)
     for required, optional, input_key, output_key in _FORMATS.values():
         if required <= keys and keys <= required | optional:
-            values = {key: record.get(key) or "" for key in required | optional}
-            bad = [key for key, value in values.items() if not isinstance(value, str)]
+            bad = [
+                problem
+                for key in sorted(keys)
+                if (problem := _type_problem(key, record[key], key in optional)) is not None
+            ]
             if bad:
-                raise ValueError(f"{where}: field(s) {', '.join(sorted(bad))} must be strings.")
+                raise UserError(f"{where}: " + "; ".join(bad) + ".")
+            values = {key: record.get(key) or "" for key in required | optional}
             if not values["instruction"].strip():
-                raise ValueError(f"{where}: empty 'instruction'.")
+                raise UserError(f"{where}: empty 'instruction'; every record needs an instruction text.")
             return InstructExample(values["instruction"], values[input_key], values[output_key])
     known = frozenset().union(*(req | opt for req, opt, _, _ in _FORMATS.values()))
-    unknown = sorted(keys - known)
+    unknown = sorted(str(key) for key in keys - known)
     problem = (
         f"unknown field(s) {', '.join(unknown)}" if unknown else f"fields {sorted(keys)} match no format"
     )
-    raise ValueError(f"{where}: {problem}; expected {_expected_formats()}.")
+    raise UserError(f"{where}: {problem}; expected {_expected_formats()}.")
 
 
-def _read_json_file(path: Path) -> list[Any]:
-    text = path.read_text(encoding="utf-8")
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text; a byte that is not UTF-8 is a UserError naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(
+            f"{path}, line {line}: byte {data[err.start : err.start + 1]!r} is not UTF-8 ({err.reason}); "
+            "JSON data must be UTF-8: save the file as UTF-8."
+        ) from None
+
+
+def _array_record_lines(text: str) -> list[int]:
+    """The line on which each record of a JSON array starts (the array already parsed without error)."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    index = ws.match(text, 0).end() + 1  # past "["
+    lines = []
+    while True:
+        index = ws.match(text, index).end()
+        if text[index] == "]":
+            return lines
+        lines.append(text.count("\n", 0, index) + 1)
+        _, index = decoder.raw_decode(text, index)
+        index = ws.match(text, index).end()
+        if text[index] == ",":
+            index += 1
+
+
+def _read_records(path: Path) -> list[tuple[Any, str]]:
+    """The records of one file, each with the words that name it in errors (file and line)."""
+    text = _read_text(path)
     if not text.strip():
-        raise ValueError(f"{path}: file is empty; expected a JSON array or JSON lines of records.")
+        raise UserError(f"{path}: file is empty; expected a JSON array or JSON lines of records.")
     if path.suffix == ".jsonl":
         records = []
-        for line_no, line in enumerate(text.splitlines(), start=1):
+        # split on newlines only, not splitlines(): a JSON string may hold U+2028 or a form feed raw
+        for line_no, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                records.append((json.loads(line), f"{path}, line {line_no}"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON ({err.msg}).") from err
+                raise UserError(
+                    f"{path}: line {line_no} is not valid JSON ({err.msg} at column {err.colno}); "
+                    "a .jsonl file holds one JSON object per line."
+                ) from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}).") from err
+        raise UserError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})."
+        ) from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON array of records, got {type(data).__name__}.")
-    return data
+        raise UserError(f"{path}: expected a JSON array of records, got {type(data).__name__}.")
+    return [(record, f"{path} record {index}") for index, record in enumerate(data)]
 
 
 def load_file(path: str | Path) -> list[InstructExample]:
     """Read one ``.json`` (array) or ``.jsonl`` file of Alpaca / Dolly records."""
     path = Path(path)
-    records = _read_json_file(path)
+    records = _read_records(path)
     if not records:
-        raise ValueError(f"{path}: no records found.")
-    return [parse_record(record, f"{path} record {index}") for index, record in enumerate(records)]
+        raise UserError(f"{path}: no records found.")
+    examples = []
+    for index, (record, where) in enumerate(records):
+        try:
+            examples.append(parse_record(record, where))
+        except UserError as err:
+            if path.suffix == ".jsonl":
+                raise
+            # a JSON array: find the record's line only now (a second parse of the file)
+            line = _array_record_lines(_read_text(path))[index]
+            raise UserError(str(err).replace(where, f"{where} (line {line})", 1)) from None
+    return examples
 
 
 def _load_hub(name: str) -> list[InstructExample]:
@@ -137,7 +217,9 @@ def load_examples(sources: Sequence[str | Path]) -> list[InstructExample]:
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.suffix in _DATA_SUFFIXES)
             if not files:
-                raise ValueError(f"{path}: folder holds no .json / .jsonl files.")
+                raise UserError(
+                    f"{path}: folder holds no .json / .jsonl files; put the data files in it or pass a file."
+                )
             for file in files:
                 examples.extend(load_file(file))
         elif path.is_file():

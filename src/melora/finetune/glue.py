@@ -232,7 +232,12 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
     from melora.data.glue import get_task
     from melora.eval.glue_metrics import trivial_baseline
     from melora.finetune.sharding import check_sharding_active, gathered_state_dict
-    from melora.finetune.training import last_complete_checkpoint, save_final, trainable_checksum
+    from melora.finetune.training import (
+        check_output_dir,
+        last_complete_checkpoint,
+        save_final,
+        trainable_checksum,
+    )
     from melora.provenance import provenance
     from melora.records import RunRecord
 
@@ -240,7 +245,7 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
     if run.train.threads:
         torch.set_num_threads(run.train.threads)
     task = get_task(run.glue.task)
-    out = Path(run.train.output_dir)
+    out = check_output_dir(run.train.output_dir)  # a bad path fails now, not after training
     trainer, model, data, tokenizer = build_trainer(run)
     check_sharding_active(trainer)
     checkpoint = last_complete_checkpoint(out) if run.train.resume else None

@@ -191,6 +191,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
     from melora.finetune.sharding import check_sharding_active, gathered_state_dict
     from melora.finetune.training import (
         StopAfterSteps,
+        check_output_dir,
         last_complete_checkpoint,
         save_final,
         trainable_checksum,
@@ -203,7 +204,7 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
     start = time.time()
     if train.threads:
         torch.set_num_threads(train.threads)
-    output_dir = Path(train.output_dir)
+    output_dir = check_output_dir(train.output_dir)  # a bad path fails now, not after training
     examples = load_examples(args.data)
     train_examples, val_examples = split_examples(
         examples, args.val_size, args.max_train_samples, seed=args.data_seed

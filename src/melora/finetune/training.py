@@ -1,5 +1,6 @@
 """What both runners do around the HF ``Trainer``: its arguments, checkpoints, the final atomic save.
 
+- :func:`check_output_dir`: the output folder exists and is writable, checked before any training;
 - :func:`training_arguments`: ``TrainArgs`` -> ``TrainingArguments`` (CPU gives gloo DDP under torchrun);
 - :func:`last_complete_checkpoint`: the newest ``checkpoint-*`` folder that a kill did not cut short;
 - :class:`StopAfterSteps`: checkpoint and stop at a step (an interruption, to test ``--resume``);
@@ -57,6 +58,37 @@ def training_arguments(train: TrainArgs, output_dir: str | os.PathLike, **overri
     }
     options.update(overrides)
     return TrainingArguments(**options)
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Create ``output_dir`` if needed and make sure this process can write into it, before any training.
+
+    A path that is a file, lies under a file, or sits in a folder without write permission is a
+    :class:`UserError` naming the path and the fix, raised at the start of the run rather than by the first
+    checkpoint or the final save after hours of training.
+    """
+    import tempfile
+
+    from melora.args import UserError
+
+    path = Path(output_dir)
+    fix = "pass --output-dir a folder you can write to (a new path or an existing folder)"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"output folder {path} is an existing file, not a folder; {fix}.")
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"output folder {path} cannot be created: {blocker} is a file, not a folder; {fix}.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".melora-write-check-", dir=path)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        failed = Path(err.filename) if err.filename else path
+        where = "" if path in (failed, failed.parent) else f" ({failed})"  # mkdir failed higher up: name it
+        raise UserError(f"output folder {path} is not writable: {reason}{where}; {fix}.") from None
+    return path
 
 
 def _step(path: Path) -> int:

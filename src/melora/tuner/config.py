@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 from peft.utils.other import get_pattern_key
 
 
@@ -129,6 +131,14 @@ class MELoRAConfig(PeftConfig):
             problems.append(
                 f"dropout={self.dropout!r}: must lie in [0, 1) and be a number (e.g. dropout=0.05)."
             )
+        for name in ("fan_in_fan_out", "init_weights"):
+            value = getattr(self, name)
+            # a JSON "false" string is truthy: refuse it rather than misread it
+            if not isinstance(value, bool):
+                problems.append(
+                    f"{name}={value!r}: must be true or false (a boolean, not {type(value).__name__})."
+                )
+        problems += self._module_list_problems()
         if self.bias not in ("none", "all", "melora_only"):
             problems.append(f"bias={self.bias!r}: choose 'none', 'all' or 'melora_only'.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
@@ -149,6 +159,42 @@ class MELoRAConfig(PeftConfig):
         problems += self._pattern_problems()
         if problems:
             raise ValueError("Invalid MELoRAConfig:\n  - " + "\n  - ".join(problems))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's loader; an invalid adapter_config.json is a UserError that names the file."""
+        from melora.args import UserError
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as err:
+            if not str(err).startswith("Invalid MELoRAConfig"):
+                raise
+            folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+            raise UserError(
+                f"{os.path.join(folder, CONFIG_NAME)}: {err}\nFix the values in that file (or retrain the adapter)."
+            ) from None
+
+    def _module_list_problems(self) -> list[str]:
+        """target_modules / exclude_modules / modules_to_save / layers_to_transform of the wrong type."""
+        problems = []
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            names_ok = isinstance(value, (list, set, tuple)) and all(isinstance(v, str) and v for v in value)
+            if value is None or names_ok or (isinstance(value, str) and name != "modules_to_save"):
+                continue
+            kind = "a list of module names" + (" or a regex string" if name != "modules_to_save" else "")
+            problems.append(f'{name}={value!r}: must be {kind}, e.g. {name}=["q_proj", "v_proj"].')
+        layers = self.layers_to_transform
+        indices = [layers] if isinstance(layers, int) else layers
+        if layers is not None and (
+            not isinstance(indices, (list, tuple))
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)
+        ):
+            problems.append(
+                f"layers_to_transform={layers!r}: must be a layer index >= 0 or a list of them, e.g. [0, 1]."
+            )
+        return problems
 
     @property
     def scaling(self) -> float:

@@ -19,6 +19,7 @@ from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend, Quanti
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from melora.args import UserError
 from melora.functional import init_melora_factors, melora_delta_weight, melora_forward
 
 BASE_ADAPTER_NAME = "__base__"
@@ -77,6 +78,26 @@ def _features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
     )
 
 
+def check_rank_fits(module_name: str, r: int, n: int, in_features: int, out_features: int) -> None:
+    """Raise if a mini LoRA of rank ``r`` is larger than its block (in_features / n x out_features / n).
+
+    ``B_i A_i`` has rank at most min(in_features / n, out_features / n): a larger r only adds parameters that
+    cannot change the update, and an absurd r (10**9 in an edited adapter_config.json) would allocate
+    hundreds of GB for ``melora_A`` / ``melora_B``. Checked before anything is allocated.
+    """
+    block_in, block_out = in_features // n, out_features // n
+    limit = min(block_in, block_out)
+    if r <= limit:
+        return
+    short = module_name.rsplit(".", 1)[-1]
+    raise UserError(
+        f"r={r} is too large for {module_name}: its n={n} mini LoRAs have blocks of in_features/n={block_in} x "
+        f"out_features/n={block_out} (in_features={in_features}, out_features={out_features}), so a mini "
+        f'LoRA\'s rank can be at most {limit}. Use r <= {limit} (or r_pattern={{"{short}": {limit}}} for '
+        "this module), or a smaller n; in a saved adapter, fix r in its adapter_config.json."
+    )
+
+
 def _device_and_dtype(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Device of the base weights and the dtype for new adapter weights (float32 over integer storage)."""
     weight = getattr(base_layer, "weight", None)
@@ -126,8 +147,9 @@ class MELoRALayer(BaseTunerLayer):
     ) -> None:
         """Create (or replace) adapter ``adapter_name`` on this layer."""
         name = self.module_name or type(self.get_base_layer()).__name__
-        if r < 1 or n < 1:
-            raise ValueError(f"r={r} and n={n} must both be >= 1 for {name}.")
+        for what, value in (("r", r), ("n", n)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{what}={value!r} for {name}: expected an integer >= 1.")
         for what, size in (("in_features", self.in_features), ("out_features", self.out_features)):
             if size % n:
                 common = math.gcd(self.in_features, self.out_features)
@@ -137,6 +159,7 @@ class MELoRALayer(BaseTunerLayer):
                     f"out_features={self.out_features}). Choose n among the common divisors "
                     f"{divisors}, or exclude this module (exclude_modules / target_modules)."
                 )
+        check_rank_fits(name, r, n, self.in_features, self.out_features)  # before any allocation
         self.r[adapter_name] = r
         self.n[adapter_name] = n
         self.alpha[adapter_name] = alpha
