@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from melora.eval import bbh
-from tests.test_eval_fixtures import BBH_TASKS, tiny_lm, write_eval_data
+from tests.test_eval_fixtures import BBH_TASKS, eval_args, tiny_lm, write_eval_data
 
 
 def test_first_three_examples_are_shots_the_rest_questions(tmp_path):
@@ -64,25 +64,26 @@ def test_per_task_average_by_hand(tmp_path, monkeypatch):
     seen = {}
 
     def fake_generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, groups):
-        seen.update(max_new_tokens=max_new_tokens, stop=stop, groups=groups)
+        seen.update(max_new_tokens=max_new_tokens, stop=stop, batch_size=batch_size, groups=groups)
         return [next(r for q, r in replies.items() if p.endswith(f"\n\n{q}\nAnswer:")) for p in prompts]
 
     monkeypatch.setattr(bbh, "greedy_generate", fake_generate)
     model, tokenizer = tiny_lm()
-    result = bbh.evaluate(model, tokenizer, tasks, batch_size=2)
+    result = bbh.evaluate(model, tokenizer, tasks, eval_args(batch_size=2))
     assert result.details["per_task"] == {"t1": 0.5, "t2": 1.0}
     assert result.summary["em"] == pytest.approx((0.5 + 1.0) / 2)  # tasks weigh equally
     assert result.summary["instructeval_acc"] == pytest.approx(
         (1.0 + 1.0) / 2
     )  # "Falsehood" starts with "False"
     assert len(result.predictions) == 5
-    assert seen == {"max_new_tokens": 32, "stop": ("\n",), "groups": ["t1", "t1", "t2", "t2", "t2"]}
+    assert seen == {"max_new_tokens": 32, "stop": ("\n",), "batch_size": 2,
+                    "groups": ["t1", "t1", "t2", "t2", "t2"]}  # fmt: skip
 
 
 def test_evaluate_runs_generation_on_a_tiny_model(tmp_path):
     model, tokenizer = tiny_lm()
     tasks = bbh.load(write_eval_data(tmp_path) / "bbh")
-    result = bbh.evaluate(model, tokenizer, tasks, batch_size=2, max_new_tokens=4)
+    result = bbh.evaluate(model, tokenizer, tasks, eval_args(batch_size=2, max_new_tokens=4))
     assert len(result.predictions) == 2
     assert all("\n" not in p["completion"] for p in result.predictions)
     assert 0.0 <= result.summary["em"] <= 1.0

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from melora.eval import drop
-from tests.test_eval_fixtures import tiny_lm
+from tests.test_eval_fixtures import eval_args, tiny_lm
 
 
 def _q(passage: str, question: str, *spans: str) -> drop.Question:
@@ -84,7 +84,7 @@ def test_evaluate_averages_em_and_f1(monkeypatch):
 
     monkeypatch.setattr(drop, "greedy_generate", fake_generate)
     model, tokenizer = tiny_lm()
-    result = drop.evaluate(model, tokenizer, split, batch_size=2)
+    result = drop.evaluate(model, tokenizer, split, eval_args(batch_size=2))
     assert result.summary["em"] == pytest.approx((0 + 1) / 2)
     assert result.summary["f1"] == pytest.approx((0.8 + 1.0) / 2)
     assert result.summary["instructeval_acc"] == 1.0  # both completions start with their answer

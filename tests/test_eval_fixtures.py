@@ -15,7 +15,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from melora.eval.args import EvalArgs
 from tests.tiny_models import tiny_llama
+
+
+def eval_args(**options) -> EvalArgs:
+    """EvalArgs for calling a task's ``evaluate`` directly (it reads neither the model nor the output folder)."""
+    return EvalArgs(**{"model": "tiny", "output_dir": "unused", **options})
+
 
 SPECIALS = ["<pad>", "<eos>"]
 MERGES = [("Ġ", "A"), ("Ġ", "B"), ("Ġ", "C"), ("Ġ", "D")]  # " A".." D" become single tokens

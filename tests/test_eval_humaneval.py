@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from melora.eval import humaneval, runner, sandbox
+from melora.eval.args import EvalArgs
 from melora.eval.sandbox import Containment, Harness, SandboxLimits, WeakSandboxError
-from tests.test_eval_fixtures import HUMANEVAL_PROBLEMS, save_tiny_lm, tiny_lm, write_eval_data
+from tests.test_eval_fixtures import HUMANEVAL_PROBLEMS, eval_args, save_tiny_lm, tiny_lm, write_eval_data
 
 FAST = SandboxLimits(timeout_s=2.0)
 
@@ -51,15 +52,15 @@ def test_nothing_runs_without_permission(tmp_path):
     model, tokenizer = tiny_lm()
     problems = humaneval.load(write_eval_data(tmp_path) / "humaneval")
     with pytest.raises(PermissionError, match="pass --allow-code-execution"):
-        humaneval.evaluate(model, tokenizer, problems, batch_size=2)
+        humaneval.evaluate(model, tokenizer, problems, eval_args(batch_size=2))
 
 
-def test_evaluate_generates_and_scores_on_a_tiny_model(tmp_path):
+def test_evaluate_generates_and_scores_on_a_tiny_model(tmp_path, monkeypatch):
+    monkeypatch.setattr(humaneval, "LIMITS", FAST)
     model, tokenizer = tiny_lm()
     problems = humaneval.load(write_eval_data(tmp_path) / "humaneval")
-    result = humaneval.evaluate(
-        model, tokenizer, problems, batch_size=2, max_new_tokens=4, allow_code_execution=True, limits=FAST
-    )
+    args = eval_args(batch_size=2, max_new_tokens=4, allow_code_execution=True)
+    result = humaneval.evaluate(model, tokenizer, problems, args)
     assert len(result.predictions) == 2 and result.summary["pass@1"] == 0.0  # random bytes do not pass
     assert all(not any(s in p["completion"] for s in humaneval.STOP) for p in result.predictions)
 
@@ -102,15 +103,16 @@ WEAK = Containment(("rlimits", "guard"), ("pid-namespace", "network-namespace"),
 
 def test_a_weak_sandbox_is_refused_unless_accepted(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "_probed", WEAK)
+    monkeypatch.setattr(humaneval, "LIMITS", FAST)
     model, tokenizer = tiny_lm()
     problems = humaneval.load(write_eval_data(tmp_path) / "humaneval", limit=1)
     with pytest.raises(WeakSandboxError) as refusal:
-        humaneval.evaluate(model, tokenizer, problems, batch_size=1, allow_code_execution=True)
+        humaneval.evaluate(model, tokenizer, problems, eval_args(batch_size=1, allow_code_execution=True))
     message = str(refusal.value)
     assert "\n" not in message and "--accept-weak-sandbox" in message
     assert "pid-namespace (unshare: Operation not permitted)" in message and "network-namespace" in message
-    result = humaneval.evaluate(model, tokenizer, problems, batch_size=1, max_new_tokens=2,
-                                allow_code_execution=True, limits=FAST, accept_weak_sandbox=True)  # fmt: skip
+    args = eval_args(batch_size=1, max_new_tokens=2, allow_code_execution=True, accept_weak_sandbox=True)
+    result = humaneval.evaluate(model, tokenizer, problems, args)
     assert result.details["sandbox"]["missing"] == ["pid-namespace", "network-namespace"]
 
 
@@ -119,14 +121,16 @@ def test_melora_eval_refuses_a_weak_sandbox_before_loading_the_model(tmp_path, m
     monkeypatch.setattr(runner, "load_model", lambda *a: pytest.fail("the model was loaded"))
     data = write_eval_data(tmp_path / "data")
     with pytest.raises(WeakSandboxError, match="lacks pid-namespace .* pass --accept-weak-sandbox"):
-        runner.run_eval("m", None, ["humaneval"], str(data), 1, 1, str(tmp_path / "out"), True)
+        runner.run_eval(EvalArgs("m", tasks=["humaneval"], data_dir=str(data), limit=1, batch_size=1,
+                                 output_dir=str(tmp_path / "out"), allow_code_execution=True))  # fmt: skip
 
 
 def test_melora_eval_reports_the_sandbox_and_takes_the_flag(tmp_path, monkeypatch):
     monkeypatch.setattr(sandbox, "_probed", WEAK)
     model_dir, data = save_tiny_lm(tmp_path / "tiny"), write_eval_data(tmp_path / "data")
-    results = runner.run_eval(str(model_dir), None, ["humaneval"], str(data), 1, 1, str(tmp_path / "out"),
-                              True, 2, accept_weak_sandbox=True)  # fmt: skip
+    results = runner.run_eval(EvalArgs(str(model_dir), tasks=["humaneval"], data_dir=str(data), limit=1,
+                                       batch_size=1, output_dir=str(tmp_path / "out"), allow_code_execution=True,
+                                       max_new_tokens=2, accept_weak_sandbox=True))  # fmt: skip
     assert results["sandbox"] == WEAK.as_dict() and results["config"]["accept_weak_sandbox"] is True
     from melora.cli import build_parser
 

@@ -7,7 +7,7 @@ import torch
 
 from melora.eval import mmlu
 from melora.eval.scoring import choice_logprobs
-from tests.test_eval_fixtures import MMLU_ROWS, tiny_lm, write_eval_data
+from tests.test_eval_fixtures import MMLU_ROWS, eval_args, tiny_lm, write_eval_data
 
 Q = mmlu.Question("2 + 2 = ?", ("3", "4", "5", "6"), "B")
 
@@ -69,7 +69,7 @@ def test_micro_and_macro_accuracy_by_hand():
 def test_evaluate_picks_the_most_likely_letter(tmp_path):
     model, tokenizer = tiny_lm()
     subjects = mmlu.load(write_eval_data(tmp_path) / "mmlu")
-    result = mmlu.evaluate(model, tokenizer, subjects, batch_size=3)
+    result = mmlu.evaluate(model, tokenizer, subjects, eval_args(batch_size=3))
     prompts = [mmlu.build_prompt(s.name, s.dev, q) for s in subjects for q in s.test]
     scores = choice_logprobs(model, tokenizer, prompts, [" A", " B", " C", " D"], batch_size=1)
     preds = ["ABCD"[int(i)] for i in scores.argmax(-1)]

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from melora.args import UserError
-from melora.eval import bbh, drop, humaneval, mmlu, runner, sandbox
+from melora.eval import bbh, drop, humaneval, mmlu, runner, sandbox, sandbox_child
+from melora.eval.args import EvalArgs
 from melora.eval.sandbox import Containment, SandboxLimits
 
 LIMITS = SandboxLimits(timeout_s=5.0)
@@ -128,10 +129,10 @@ def test_listing_what_a_program_left_is_bounded_and_never_raises(tmp_path):
     os.symlink(".", tmp_path / "self")
     (tmp_path / "prog.py").write_text("")  # the sandbox's own files are not listed
     expected = ["bad\\xff", "loop", "new\nline", "self", "sub/f"]
-    assert sandbox._list_files(str(tmp_path)) == (expected, "")
+    assert sandbox_child.list_files(str(tmp_path)) == (expected, "")
     os.close(_nest(tmp_path / "sub", 1500))
     try:
-        files, problem = sandbox._list_files(str(tmp_path))
+        files, problem = sandbox_child.list_files(str(tmp_path))
     finally:
         _flatten(tmp_path / "sub")
     assert files == expected and problem == "folders nested more than 64 deep"
@@ -204,13 +205,16 @@ def test_humaneval_without_permission_is_one_line_and_exit_2(tmp_path):
 def test_refusals_are_user_errors_before_the_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_model", lambda *a: pytest.fail("the model was loaded"))
     with pytest.raises(UserError, match="pass --allow-code-execution"):
-        runner.run_eval("m", None, ["humaneval"], None, 1, 1, str(tmp_path / "out"))
+        runner.run_eval(
+            EvalArgs("m", tasks=["humaneval"], limit=1, batch_size=1, output_dir=str(tmp_path / "out"))
+        )
     weak = Containment(
         ("rlimits",), ("pid-namespace",), {"pid-namespace": "unshare: Operation not permitted"}
     )
     monkeypatch.setattr(sandbox, "_probed", weak)
     with pytest.raises(UserError, match="lacks pid-namespace .* pass --accept-weak-sandbox") as refusal:
-        runner.run_eval("m", None, ["humaneval"], None, 1, 1, str(tmp_path / "out"), True)
+        runner.run_eval(EvalArgs("m", tasks=["humaneval"], limit=1, batch_size=1,
+                                 output_dir=str(tmp_path / "out"), allow_code_execution=True))  # fmt: skip
     assert isinstance(refusal.value, sandbox.WeakSandboxError)  # still what it was
 
 

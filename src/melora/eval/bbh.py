@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from melora.eval.args import EvalArgs
 from melora.eval.datafiles import need, read_json
 from melora.eval.scoring import TaskResult, fit_shots, greedy_generate, model_max_length
 
@@ -121,15 +122,12 @@ def score(completion: str, target: str) -> tuple[bool, bool]:
     return extract_answer(completion, target) == target, completion.strip().startswith(target)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    tasks: Sequence[Task],
-    batch_size: int,
-    max_new_tokens: int | None = None,
-) -> TaskResult:
-    """Generate for every question of every task in one batched pass, then score per task."""
-    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
+def evaluate(model: torch.nn.Module, tokenizer, tasks: Sequence[Task], args: EvalArgs) -> TaskResult:
+    """Generate for every question of every task in one batched pass, then score per task.
+
+    Reads ``args.batch_size`` and ``args.max_new_tokens`` (default ``MAX_NEW_TOKENS``).
+    """
+    max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS
     budget = model_max_length(model) - max_new_tokens
     prompts, owners = [], []
     for task in tasks:
@@ -141,7 +139,9 @@ def evaluate(
             owners.append((task.name, q))
     logger.info("BBH: generating for %d questions from %d tasks", len(prompts), len(tasks))
     groups = [name for name, _ in owners]  # a task's questions share its shots (KV cache)
-    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, batch_size, groups=groups)
+    completions = greedy_generate(
+        model, tokenizer, prompts, max_new_tokens, STOP, args.batch_size, groups=groups
+    )
     em: dict[str, list[bool]] = {t.name: [] for t in tasks}
     loose: dict[str, list[bool]] = {t.name: [] for t in tasks}
     predictions = []

@@ -32,6 +32,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from melora.args import UserError
+from melora.eval.args import EvalArgs
 from melora.eval.datafiles import json_type, need, read_json
 from melora.eval.scoring import TaskResult, fit_shots, greedy_generate, model_max_length
 
@@ -231,13 +232,14 @@ def build_prompt(shots: Sequence[Question], question: Question) -> str:
     return "".join(format_question(s, True) for s in shots) + format_question(question, False)
 
 
-def evaluate(
-    model: torch.nn.Module, tokenizer, split: Split, batch_size: int, max_new_tokens: int | None = None
-) -> TaskResult:
-    """Generate an answer per question; EM / F1 (DROP metric) and InstructEval's prefix accuracy."""
+def evaluate(model: torch.nn.Module, tokenizer, split: Split, args: EvalArgs) -> TaskResult:
+    """Generate an answer per question; EM / F1 (DROP metric) and InstructEval's prefix accuracy.
+
+    Reads ``args.batch_size`` and ``args.max_new_tokens`` (default ``MAX_NEW_TOKENS``).
+    """
     if not split.questions:
         raise ValueError("No DROP questions were evaluated; check --limit and the data.")
-    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS
+    max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS
     budget = model_max_length(model) - max_new_tokens
     prompts = [
         fit_shots(lambda k, q=q: build_prompt(split.shots[:k], q), len(split.shots), tokenizer, budget)[0]
@@ -245,7 +247,9 @@ def evaluate(
     ]
     logger.info("DROP: generating for %d questions", len(prompts))
     groups = ["shots"] * len(prompts)  # every question follows the same 3 shots (KV cache)
-    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, batch_size, groups=groups)
+    completions = greedy_generate(
+        model, tokenizer, prompts, max_new_tokens, STOP, args.batch_size, groups=groups
+    )
     em, f1, prefix, predictions = [], [], [], []
     for q, completion in zip(split.questions, completions):
         exact, f1_score = best_metrics(completion.strip(), [q.answer])

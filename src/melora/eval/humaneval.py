@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from melora.args import UserError
+from melora.eval.args import EvalArgs
 from melora.eval.datafiles import need, read_jsonl
 from melora.eval.sandbox import (
     Harness,
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 HUB_DATASET = "openai/openai_humaneval"
 MAX_NEW_TOKENS = 256
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
+LIMITS = SandboxLimits()  # per program: what `melora eval` gives each completion in the sandbox
 NO_PERMISSION = (
     "HumanEval executes model-written code: pass --allow-code-execution (allow_code_execution=True) "
     "to run it in a sandboxed subprocess, or drop humaneval from --tasks."
@@ -172,26 +174,18 @@ def _score_one(problem: Problem, completion: str, limits: SandboxLimits | None) 
         return SandboxResult("failed", None, round(time.monotonic() - start, 3), reason=reason)
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    problems: Sequence[Problem],
-    batch_size: int,
-    max_new_tokens: int | None = None,
-    allow_code_execution: bool = False,
-    limits: SandboxLimits | None = None,
-    accept_weak_sandbox: bool = False,
-) -> TaskResult:
-    """Generate a greedy completion per problem, then score them in the sandbox.
+def evaluate(model: torch.nn.Module, tokenizer, problems: Sequence[Problem], args: EvalArgs) -> TaskResult:
+    """Generate a greedy completion per problem, then score them in the sandbox (under ``LIMITS``).
 
-    Refuses (:class:`CodeExecutionNotAllowed`) without ``allow_code_execution``, and
+    Reads ``args.batch_size`` and ``args.max_new_tokens`` (default ``MAX_NEW_TOKENS``). Refuses
+    (:class:`CodeExecutionNotAllowed`) without ``args.allow_code_execution``, and
     (:class:`SandboxRefused`, a :class:`~melora.eval.sandbox.WeakSandboxError`) when the sandbox
-    here lacks a required containment, unless ``accept_weak_sandbox``; both are UserErrors.
+    here lacks a required containment, unless ``args.accept_weak_sandbox``; both are UserErrors.
     """
-    require_permission(allow_code_execution)
-    require_sandbox(accept_weak_sandbox)
+    require_permission(args.allow_code_execution)
+    require_sandbox(args.accept_weak_sandbox)
     logger.info("HumanEval: generating %d completions", len(problems))
-    completions = greedy_generate(
-        model, tokenizer, [p.prompt for p in problems], max_new_tokens or MAX_NEW_TOKENS, STOP, batch_size
-    )
-    return score_completions(problems, completions, limits)
+    prompts = [p.prompt for p in problems]
+    max_new_tokens = args.max_new_tokens or MAX_NEW_TOKENS
+    completions = greedy_generate(model, tokenizer, prompts, max_new_tokens, STOP, args.batch_size)
+    return score_completions(problems, completions, LIMITS)

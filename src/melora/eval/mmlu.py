@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from melora.args import UserError
+from melora.eval.args import EvalArgs
 from melora.eval.datafiles import read_text
 from melora.eval.scoring import TaskResult, choice_logprobs, fit_shots, model_max_length
 
@@ -147,8 +148,8 @@ def accuracy_summary(correct: dict[str, list[bool]]) -> dict[str, float]:
     }
 
 
-def evaluate(model: torch.nn.Module, tokenizer, subjects: Sequence[Subject], batch_size: int) -> TaskResult:
-    """Score every test question of every subject in one batched pass."""
+def evaluate(model: torch.nn.Module, tokenizer, subjects: Sequence[Subject], args: EvalArgs) -> TaskResult:
+    """Score every test question of every subject in one batched pass (``args.batch_size`` at a time)."""
     max_tokens = model_max_length(model)
     prompts, owners = [], []
     for subject in subjects:
@@ -164,7 +165,7 @@ def evaluate(model: torch.nn.Module, tokenizer, subjects: Sequence[Subject], bat
     logger.info("MMLU: scoring %d questions from %d subjects", len(prompts), len(subjects))
     letters = [f" {x}" for x in LETTERS]
     groups = [name for name, _ in owners]  # a subject's questions share its header and shots (KV cache)
-    scores = choice_logprobs(model, tokenizer, prompts, letters, batch_size, max_tokens, groups)
+    scores = choice_logprobs(model, tokenizer, prompts, letters, args.batch_size, max_tokens, groups)
     correct: dict[str, list[bool]] = {s.name: [] for s in subjects}
     predictions = []
     for (name, q), row in zip(owners, scores):

@@ -1,9 +1,14 @@
 """``melora eval``: InstructEval-style MMLU / BBH / HumanEval / DROP for a base model or an adapter.
 
-Python API: :func:`run_eval` (also used by the instruction-tuning study). It loads every task's
-data first (so a missing file fails before the slow model load), loads the model (hub name,
-folder, ``.gguf`` or alias) and optionally a MELoRA / LoRA adapter (merged on request), runs
-the tasks, and writes ``results.json`` (kind "eval"), ``results.md`` and ``predictions/<task>.jsonl``.
+Its options are :class:`~melora.eval.args.EvalArgs`: the flags and the ``--config`` preset keys are
+generated from its fields. Python API: :func:`run_eval`. It loads every task's data first (so a
+missing file fails before the slow model load), loads the model (hub name, folder, ``.gguf`` or
+alias) and optionally a MELoRA / LoRA adapter (merged on request), runs the tasks, and writes
+``results.json`` (kind "eval", the EvalArgs as its ``config``), ``results.md`` and
+``predictions/<task>.jsonl``.
+
+    melora eval --model smollm2 --adapter runs/alpaca-melora --tasks mmlu,bbh --output-dir runs/ev
+    melora eval --config runs/ev/eval.yaml          # a preset written by EvalArgs.to_preset
 """
 
 from __future__ import annotations
@@ -12,95 +17,36 @@ import argparse
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from melora.eval import bbh, drop, humaneval, mmlu
-from melora.eval.sandbox import ACCEPT_FLAG
+from melora.eval.args import EvalArgs, parse_limit, parse_tasks, task_limits
 from melora.eval.scoring import TaskResult
 from melora.io import atomic_write_text
 from melora.provenance import provenance
 from melora.records import RunRecord
 
+__all__ = ["TASKS", "EvalArgs", "parse_limit", "parse_tasks", "run_eval", "task_limits"]
+
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """How to load one task's data (from ``<data-dir>/<task>/``, or the hub when None) and evaluate it."""
+class Task(Protocol):
+    """What every task module provides: its data loader and its evaluator (one signature for all)."""
 
-    load: Callable[[Path | None, int | None], Any]
-    evaluate: Callable[..., TaskResult]
+    def load(self, data_dir: Path | None, limit: int | None = None) -> Any:
+        """The task's data from ``data_dir/<task>/`` (the hub when None), its first ``limit`` questions."""
 
-
-TASKS: dict[str, TaskSpec] = {
-    "mmlu": TaskSpec(mmlu.load, lambda m, t, d, o: mmlu.evaluate(m, t, d, o.batch_size)),
-    "bbh": TaskSpec(bbh.load, lambda m, t, d, o: bbh.evaluate(m, t, d, o.batch_size, o.max_new_tokens)),
-    "humaneval": TaskSpec(
-        humaneval.load,
-        lambda m, t, d, o: humaneval.evaluate(
-            m,
-            t,
-            d,
-            o.batch_size,
-            o.max_new_tokens,
-            o.allow_code_execution,
-            accept_weak_sandbox=o.accept_weak_sandbox,
-        ),
-    ),
-    "drop": TaskSpec(drop.load, lambda m, t, d, o: drop.evaluate(m, t, d, o.batch_size, o.max_new_tokens)),
-}
+    def evaluate(self, model: torch.nn.Module, tokenizer, data: Any, args: EvalArgs) -> TaskResult:
+        """Score ``model`` on ``data`` (what ``load`` returned) with the options ``args``."""
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    """Options every task evaluator may read."""
-
-    batch_size: int
-    max_new_tokens: int | None
-    allow_code_execution: bool
-    accept_weak_sandbox: bool = False
-
-
-def parse_tasks(tasks: str | list[str]) -> list[str]:
-    """``"mmlu,bbh"`` or ``["mmlu", "bbh"]`` -> checked, de-duplicated list in the given order."""
-    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    names = list(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
-    unknown = [n for n in names if n not in TASKS]
-    if unknown or not names:
-        raise ValueError(f"Unknown or empty --tasks {unknown or names}; choose from {', '.join(TASKS)}.")
-    return names
-
-
-def parse_limit(text: str) -> int | dict[str, int]:
-    """The ``--limit`` value: ``"2"`` -> 2, ``"mmlu=2,bbh=3"`` -> ``{"mmlu": 2, "bbh": 3}``."""
-    try:
-        if "=" not in text:
-            return int(text)
-        return {
-            k.strip(): int(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())
-        }
-    except ValueError:
-        raise ValueError(f"--limit {text!r}: give a number or task=N pairs such as mmlu=2,bbh=3.") from None
-
-
-def task_limits(limit: int | dict[str, int] | None, names: list[str]) -> dict[str, int | None]:
-    """Per-task question limits (None: all) from one number for every task or a ``{task: N}`` dict."""
-    per_task = dict(limit) if isinstance(limit, dict) else dict.fromkeys(names, limit)
-    problems = []
-    unknown = sorted(set(per_task) - set(names))
-    if unknown:
-        problems.append(f"{unknown} are not among the evaluated tasks {names}")
-    bad = {k: v for k, v in per_task.items() if v is not None and v < 1}
-    if bad:
-        problems.append(f"limits must be positive numbers of questions, got {bad}")
-    if problems:
-        raise ValueError(f"limit {limit!r}: " + "; ".join(problems) + ".")
-    return {name: per_task.get(name) for name in names}
+# name -> task module; the names are melora.eval.args.TASK_NAMES (what EvalArgs accepts), in this order
+TASKS: dict[str, Task] = {"mmlu": mmlu, "bbh": bbh, "humaneval": humaneval, "drop": drop}
 
 
 def task_data_dir(data_dir: str | Path | None, folder: str) -> Path | None:
@@ -204,13 +150,13 @@ def describe(model: str, adapter: str | None, record: Any):
 
 
 def evaluate_tasks(
-    model: torch.nn.Module, tokenizer, data: dict[str, Any], options: EvalOptions
+    model: torch.nn.Module, tokenizer, data: dict[str, Any], args: EvalArgs
 ) -> dict[str, TaskResult]:
     """Run each task on already-loaded data; returns results by task name."""
     results = {}
     for name, task_data in data.items():
         start = time.perf_counter()
-        results[name] = TASKS[name].evaluate(model, tokenizer, task_data, options)
+        results[name] = TASKS[name].evaluate(model, tokenizer, task_data, args)
         results[name].details["n"] = len(results[name].predictions)  # one prediction per question
         results[name].details["wall_time_s"] = round(time.perf_counter() - start, 2)
         logger.info("%s: %s (%.1f s)", name, results[name].summary, results[name].details["wall_time_s"])
@@ -238,67 +184,41 @@ def _write_predictions(folder: Path, name: str, predictions: list[dict[str, Any]
     atomic_write_text(folder / f"{name}.jsonl", "".join(lines))
 
 
-def run_eval(
-    model: str,
-    adapter: str | None,
-    tasks: list[str],
-    data_dir: str | None,
-    limit: int | dict[str, int] | None,
-    batch_size: int,
-    output_dir: str,
-    allow_code_execution: bool = False,
-    max_new_tokens: int | None = None,
-    *,
-    merge: bool = False,
-    label: str | None = None,
-    accept_weak_sandbox: bool = False,
-) -> dict:
-    """Evaluate ``model`` (+ ``adapter``) on ``tasks``; write and return the results.json dict.
+def run_eval(args: EvalArgs) -> dict:
+    """Evaluate ``args.model`` (+ ``args.adapter``) on ``args.tasks``; write and return the results.json dict.
 
-    ``limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval / DROP;
-    a dict such as ``{"mmlu": 2, "bbh": 3, "humaneval": 20}`` sets it per task (a missing task: all).
-    ``max_new_tokens`` overrides every generation task's default (BBH 32, HumanEval 256, DROP 16).
-    HumanEval also refuses a sandbox that lacks a required containment unless ``accept_weak_sandbox``.
+    ``args.limit`` keeps the first N questions per MMLU subject, per BBH task, and of HumanEval /
+    DROP; a dict such as ``{"mmlu": 2, "bbh": 3, "humaneval": 20}`` sets it per task (a missing task:
+    all). ``args.max_new_tokens`` overrides every generation task's default (BBH 32, HumanEval 256,
+    DROP 16). HumanEval runs only with ``args.allow_code_execution``, and refuses a sandbox that
+    lacks a required containment unless ``args.accept_weak_sandbox``. The record's ``config`` is
+    the training run's (for a run folder) updated with ``args``, its adapter the folder found.
     """
     start = time.perf_counter()
-    names = parse_tasks(tasks)
-    limits = task_limits(limit, names)
     sandbox = None
-    if "humaneval" in names:  # both refusals come before any data or model is loaded
-        humaneval.require_permission(allow_code_execution)
-        sandbox = humaneval.require_sandbox(accept_weak_sandbox).as_dict()
-    adapter, record = resolve_adapter(adapter)
-    described = describe(model, adapter, record)
-    data = {name: TASKS[name].load(task_data_dir(data_dir, name), limits[name]) for name in names}
-    lm, tokenizer, stats = load_model(model, adapter, merge)
-    options = EvalOptions(batch_size, max_new_tokens, allow_code_execution, accept_weak_sandbox)
-    out = Path(output_dir)
-    config = {
-            "model": model,
-            "adapter": adapter,
-            "merge": merge,
-            "tasks": names,
-            "data_dir": data_dir,
-            "limit": limit,
-            "batch_size": batch_size,
-            "max_new_tokens": max_new_tokens,
-            "allow_code_execution": allow_code_execution,
-            "accept_weak_sandbox": accept_weak_sandbox,
-            "output_dir": output_dir,
-    }  # fmt: skip
+    if "humaneval" in args.tasks:  # both refusals come before any data or model is loaded
+        humaneval.require_permission(args.allow_code_execution)
+        sandbox = humaneval.require_sandbox(args.accept_weak_sandbox).as_dict()
+    adapter, record = resolve_adapter(args.adapter)
+    described = describe(args.model, adapter, record)
+    limits = args.task_limits()
+    data = {name: TASKS[name].load(task_data_dir(args.data_dir, name), limits[name]) for name in args.tasks}
+    lm, tokenizer, stats = load_model(args.model, adapter, args.merge)
+    out = Path(args.output_dir)
+    config = {**(record.config if record is not None else {}), **args.to_dict(), "adapter": adapter}
     task_results: dict[str, TaskResult] = {}
 
     def write(complete: bool) -> dict[str, Any]:
         record_out = RunRecord(
             kind="eval",
-            label=label or (described.label if described else base_label(model)),
+            label=args.label or (described.label if described else base_label(args.model)),
             slug=described.slug if described else "base",
             method=described.method if described else "base",
             summary={f"{t}/{k}": float(v) for t, r in task_results.items() for k, v in r.summary.items()},
             seed=record.seed if record is not None else None,
             task="eval",
             adapter=asdict(described) if described else {},
-            config={**(record.config if record is not None else {}), **config},
+            config=config,
             trainable_params=record.trainable_params if record is not None else stats["trainable_params"],
             adapter_params=stats["trainable_params"],
             equivalent_rank=stats["equivalent_rank"],
@@ -317,55 +237,31 @@ def run_eval(
         return results
 
     for name, task_data in data.items():  # each task's results are on disk as soon as it finishes
-        task_results.update(evaluate_tasks(lm, tokenizer, {name: task_data}, options))
+        task_results.update(evaluate_tasks(lm, tokenizer, {name: task_data}, args))
         _write_predictions(out / "predictions", name, task_results[name].predictions)
         results = write(complete=len(task_results) == len(data))
     return results
 
 
-def add_parser(subparsers) -> None:
-    """Register ``melora eval``."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``melora eval`` (``--config`` and one flag per EvalArgs field)."""
     parser = subparsers.add_parser(
         "eval",
         help="InstructEval-style MMLU / BBH / HumanEval / DROP evaluation",
-        description=__doc__.splitlines()[0],
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="hub name, folder, .gguf file or alias (smollm2)")
-    parser.add_argument(
-        "--adapter",
-        default=None,
-        help="PEFT adapter folder (MELoRA or LoRA, e.g. exported) or a melora run folder",
-    )
-    parser.add_argument("--merge", action="store_true", help="merge the adapter into the weights first")
-    parser.add_argument("--tasks", default="mmlu,bbh", help=f"comma-separated, from {','.join(TASKS)}")
-    parser.add_argument("--data-dir", default=None, help="folder with mmlu/ bbh/ humaneval/ (default: hub)")
-    parser.add_argument(
-        "--limit",
-        type=parse_limit,
-        default=None,
-        help="first N per MMLU subject / BBH task / other task, or per task: mmlu=2,bbh=3,humaneval=20",
-    )
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="override generation lengths")
-    parser.add_argument(
-        "--allow-code-execution", action="store_true", help="needed for humaneval: runs generated code"
-    )
-    parser.add_argument(
-        ACCEPT_FLAG, action="store_true", help="run humaneval even where the sandbox lacks a containment"
-    )
-    parser.add_argument(
-        "--label", default=None, help="run label (default: the run's, e.g. 'melora r=1 n=8', or 'base')"
-    )
-    parser.add_argument("--output-dir", required=True)
-    parser.set_defaults(func=_main)
+    EvalArgs.add_arguments(parser)
+    parser.set_defaults(func=main)
+    return parser
 
 
-def _main(args: argparse.Namespace) -> int:
-    results = run_eval(
-        args.model, args.adapter, parse_tasks(args.tasks), args.data_dir, args.limit, args.batch_size,
-        args.output_dir, args.allow_code_execution, args.max_new_tokens, merge=args.merge, label=args.label,
-        accept_weak_sandbox=args.accept_weak_sandbox,
-    )  # fmt: skip
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: merge the YAML preset and the flags into EvalArgs, run, print the headline table."""
+    from melora.args import load_preset
+
+    options = EvalArgs.from_options(vars(args), load_preset(args.config), args.config)
+    results = run_eval(options)
     print(render_markdown(results).split("\n## ")[0])
-    print(f"wrote {Path(args.output_dir) / 'results.json'}")
+    print(f"wrote {Path(options.output_dir) / 'results.json'}")
     return 0
