@@ -241,3 +241,35 @@ def test_ctrl_c_during_training_is_one_line_and_exit_130_and_debug_keeps_the_tra
     argv = ["--debug", *glue_argv(tiny_glue, tmp_path / "debug", "--epochs", "10000")]
     status, stderr = _start_and_interrupt(argv, tmp_path)
     assert status != 0 and "Traceback" in stderr and "KeyboardInterrupt" in stderr
+
+
+def test_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "melora.cli", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == f"melora {version('melora')}"
+
+
+def test_an_ordinary_command_prints_no_quantization_backend_warnings():
+    """torchao / bitsandbytes warn at import about kernels this machine lacks; `--debug` still shows them."""
+    done = subprocess.run(
+        [sys.executable, "-m", "melora.cli", "export-lora", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+
+
+def test_a_lab_command_without_its_extra_says_which_extra_to_install():
+    script = (
+        "import sys\nsys.modules['datasets'] = None\n"  # as if not installed
+        "from melora.cli import main\nsys.exit(main(['glue', '--task', 'stsb']))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "melora glue: needs the lab extra (missing module 'datasets'): pip install 'melora[lab]'"
+    ]

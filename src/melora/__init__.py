@@ -14,9 +14,13 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
+from importlib import metadata as _metadata
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = _metadata.version("melora")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = [
     "MELoRAConfig",
     "MELoRALayer",

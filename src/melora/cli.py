@@ -62,8 +62,50 @@ def _top_parser() -> argparse.ArgumentParser:
         + "\n\n`melora COMMAND --help` lists a command's flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks (and quantization back-ends' warnings)"
+    )
+    parser.add_argument("--version", action="version", version=f"melora {version()}")
     return parser
+
+
+def version() -> str:
+    """The installed distribution's version (package metadata), without importing the package."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("melora")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+# Extras, by the top-level modules they provide: a command whose import misses one says what to install.
+EXTRAS = {
+    "lab": (
+        "accelerate",
+        "datasets",
+        "sklearn",
+        "scipy",
+        "matplotlib",
+        "rich",
+        "tqdm",
+        "yaml",
+        "gguf",
+        "sentencepiece",
+        "google",
+    ),
+    "quant": ("bitsandbytes", "torchao", "hqq"),
+}
+# Loggers of optional back-ends that peft / transformers import when installed; at import they warn about
+# kernels this machine lacks (CUDA-only libraries, a missing triton), which concerns no ordinary command.
+QUIET_LOGGERS = ("torchao", "bitsandbytes", "kernels", "torch.utils._pytree")
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The extra that provides the module ``err`` misses, or None when it is none of ours."""
+    top = (err.name or "").split(".")[0]
+    return next((extra for extra, modules in EXTRAS.items() if top in modules), None)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -86,9 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"melora: unknown command {command!r}; choose one of {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         args = build_parser(command).parse_args(argv)
         status = int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        extra = missing_extra(err)
+        if extra is None or debug:
+            raise
+        print(
+            f"melora {command}: needs the {extra} extra (missing module {err.name!r}): "
+            f"pip install 'melora[{extra}]'",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         if debug:
             raise

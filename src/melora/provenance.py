@@ -41,11 +41,9 @@ def provenance() -> dict[str, Any]:
     import torch
     import transformers
 
-    import melora
-
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "melora": getattr(melora, "__version__", None),
+        "melora": _installed_version("melora"),
         "git_revision": git_revision(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -57,3 +55,13 @@ def provenance() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cuda": cuda,
     }
+
+
+def _installed_version(distribution: str) -> str | None:
+    """A distribution's version from its package metadata (None when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
