@@ -102,42 +102,51 @@ CORRUPTIONS = {
     "wrong peft_type": (_config(peft_type="LORA"), rf"{CFG} has peft_type 'LORA'; export_lora needs"),
     "no peft_type": (_config(peft_type=_DELETE), rf"{CFG} has peft_type None"),
     "r missing": (_config(r=_DELETE), rf"{CFG} is not a valid MELoRA adapter config .*\n  - r is missing"),
-    "r a string": (_config(r="2"), r"r='2' \(str\): expected an integer >= 1"),
-    "r 1e9": (_config(r=1e9), r"r=1000000000\.0 \(float\): expected an integer >= 1"),
-    "r zero": (_config(r=0), r"r=0 \(int\): expected an integer >= 1"),
-    "r a bool": (_config(r=True), r"r=True \(bool\): expected an integer >= 1"),
+    "r a string": (_config(r="2"), r"r='2': the rank of each mini LoRA must be an integer >= 1"),
+    "r 1e9": (_config(r=1e9), r"r=1000000000\.0: the rank of each mini LoRA must be an integer >= 1"),
+    "r zero": (_config(r=0), r"r=0: the rank of each mini LoRA must be an integer >= 1"),
+    "r a bool": (_config(r=True), r"r=True: the rank of each mini LoRA must be an integer >= 1"),
     "r not the tensors'": (
         _config(r=3),
         rf"(?s){W} .*lin0\.melora_A: shape \(4, 2, 8\), expected \(n, r, d_in/n\) = \(4, 3, k\)",
     ),
-    "n a string": (_config(n="4"), r"n='4' \(str\): expected an integer >= 1"),
+    "n a string": (_config(n="4"), r"n='4': the number of mini LoRAs must be an integer >= 1"),
     "n not dividing": (
         _config(n=3),
         r"lin0\.melora_A: shape \(4, 2, 8\), expected \(n, r, d_in/n\) = \(3, 2, k\)",
     ),
-    "alpha '8'": (_config(alpha="8"), r"alpha='8' \(str\): expected a finite number > 0"),
-    "alpha a bool": (_config(alpha=True), r"alpha=True \(bool\): expected a finite number > 0"),
-    "alpha NaN": (_config(alpha=float("nan")), r"alpha=nan \(float\): expected a finite number > 0"),
-    "alpha inf": (_config(alpha=float("inf")), r"alpha=inf \(float\): expected a finite number > 0"),
-    "alpha null": (_config(alpha=None), r"alpha=None \(NoneType\): expected a finite number > 0"),
-    "dropout a string": (_config(dropout="0.1"), r"dropout='0.1' \(str\): expected a number in \[0, 1\)"),
+    "alpha '8'": (_config(alpha="8"), r"alpha='8': the scaling numerator must be a finite number > 0"),
+    "alpha a bool": (_config(alpha=True), r"alpha=True: the scaling numerator must be a finite number > 0"),
+    "alpha NaN": (
+        _config(alpha=float("nan")),
+        r"alpha=nan: the scaling numerator must be a finite number > 0",
+    ),
+    "alpha inf": (
+        _config(alpha=float("inf")),
+        r"alpha=inf: the scaling numerator must be a finite number > 0",
+    ),
+    "alpha null": (_config(alpha=None), r"alpha=None: the scaling numerator must be a finite number > 0"),
+    "dropout a string": (_config(dropout="0.1"), r"dropout='0\.1': must lie in \[0, 1\) and be a number"),
     "target_modules an int": (
         _config(target_modules=5),
-        r"target_modules=5 \(int\): expected a list of names",
+        r"target_modules=5: must be a list of module names or a regex string",
     ),
     "modules_to_save a string": (
         _config(modules_to_save="head"),
-        r"modules_to_save='head' \(str\): expected a list",
+        r"modules_to_save='head': must be a list of module names",
     ),
     "fan_in_fan_out a string": (
         _config(fan_in_fan_out="yes"),
-        r"fan_in_fan_out='yes' \(str\): expected true or false",
+        r"fan_in_fan_out='yes': must be true or false \(a boolean, not str\)",
     ),
     "layers_to_transform strings": (
         _config(layers_to_transform=["0"]),
-        r"layers_to_transform=\['0'\] \(list\)",
+        r"layers_to_transform=\['0'\]: must be a layer index >= 0",
     ),
-    "bad task_type": (_config(task_type="TRANSLATE"), rf"{CFG}: .*Invalid task type: 'TRANSLATE'"),
+    "bad task_type": (
+        _config(task_type="TRANSLATE"),
+        rf"{CFG} is not a valid MELoRA adapter config .*\n  - Invalid task type: 'TRANSLATE'",
+    ),
     "bias all": (
         _config(bias="all"),
         rf"{CFG}: bias='all': a standard LoRA adapter \(and vLLM\) carries no bias",
@@ -299,3 +308,40 @@ def test_trainable_tokens_are_carried_into_the_export(tmp_path):
     lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora").eval()
     ids = torch.tensor([[3, 5, 7, 9]])
     torch.testing.assert_close(lora(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_config_is_validated_by_melora_config_itself(pristine, tmp_path):
+    """Export has no rules of its own for the fields: the saved config's problems are MELoRAConfig's sentences."""
+    from melora.errors import ConfigError
+
+    folder = tmp_path / "corrupt"
+    shutil.copytree(pristine, folder)
+    fields = {"r": 0, "layers_pattern": "layers", "layers_to_transform": None, "init_weights": "false"}
+    _config(**fields)(folder)
+    with pytest.raises(ConfigError) as direct:
+        MELoRAConfig(n=4, alpha=8, **fields)
+    with pytest.raises(ValueError, match=r"not a valid MELoRA adapter config \(3 problems\)") as info:
+        export_lora(folder, tmp_path / "lora")
+    for problem in direct.value.problems:
+        assert "\n  - " + problem in str(info.value)
+    assert not (tmp_path / "lora").exists()
+
+
+def test_a_config_with_layer_zero_and_a_layers_pattern_exports(tmp_path):
+    model = get_peft_model(
+        tiny_llama(),
+        MELoRAConfig(r=1, n=4, target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers"),
+    )
+    out = export_lora(model, tmp_path / "lora")
+    exported = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert exported["layers_to_transform"] == 0 and exported["layers_pattern"] == "layers"
+
+
+def test_export_lora_command_names_a_full_fine_tunes_run_folder(tmp_path, capsys):
+    from melora.cli import main
+
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    assert main(["export-lora", str(tmp_path / "run"), str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err
+    assert "is the run folder of a full fine-tune: its model/ holds a whole model, not an adapter" in err
+    assert not (tmp_path / "lora").exists()

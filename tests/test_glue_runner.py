@@ -52,7 +52,9 @@ def test_options_collect_every_problem():
         GlueRun.from_options({"task": "boolq", "output_dir": "x"})
     with pytest.raises(UserError, match=r"(?s)batch_size=0: expected a positive integer"):
         GlueRun.from_options({"task": "rte", "output_dir": "x", "batch_size": 0})
-    with pytest.raises(UserError, match=r"dropout=1.5: expected a number in \[0, 1\)"):
+    with pytest.raises(
+        UserError, match=r"dropout=1\.5: must lie in \[0, 1\) and be a number \(e\.g\. dropout=0\.05\)"
+    ):
         GlueRun.from_options({"task": "rte", "output_dir": "x", "dropout": 1.5})
     with pytest.raises(UserError, match=r"method='adapter': choose one of melora, lora, full"):
         GlueRun.from_options({"task": "rte", "output_dir": "x", "method": "adapter"})
@@ -187,9 +189,12 @@ def test_tiny_run_writes_results_and_adapter(tiny, tmp_path, method, rank):
     assert [row["epoch"] for row in on_disk["epochs"]] == [1.0, 2.0]
     assert set(on_disk["summary"]) == {"rte/accuracy_best", "rte/accuracy_last"}
     assert results["summary"] == on_disk["summary"]
-    if method == "full":
-        assert results["trainable_params"] == results["total_params"]
+    if method == "full":  # the one run-folder layout: a full fine-tune's model in model/, as for instruct
+        assert results["trainable_params"] == results["total_params"] and results["head_params"] is None
+        assert (tmp_path / "model" / "config.json").is_file() and not (tmp_path / "adapter").exists()
+        assert results["saved_to"] == "model"
         return
+    assert results["saved_to"] == "adapter" and not (tmp_path / "model").exists()
     weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert any("classifier" in key for key in weights), "the classifier head must be trained and saved"
     assert any("pooler" in key for key in weights), "BERT's pooler trains with the head by default"
@@ -205,9 +210,11 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny, tmp_path):
     options = {"method": "melora", "epochs": 3, "group_by_length": False}
     full = run_glue(tiny_config(tiny, tmp_path / "straight", **options))
     stopped = run_glue(tiny_config(tiny, tmp_path / "cut", **options, stop_after_steps=10))
-    assert stopped["stopped_at_step"] == 10 and stopped["checkpoint"].endswith("checkpoint-10")
+    assert stopped["stopped_at_step"] == 10
+    assert stopped["checkpoint"] == str(tmp_path / "cut" / "checkpoints" / "checkpoint-10")  # one layout
     assert not (tmp_path / "cut" / "results.json").exists()
-    torn = tmp_path / "cut" / "checkpoint-20"  # what a kill while Trainer saves leaves: no trainer_state.json
+    # what a kill while Trainer saves leaves: no trainer_state.json
+    torn = tmp_path / "cut" / "checkpoints" / "checkpoint-20"
     torn.mkdir()
     (torn / "adapter_model.safetensors").write_bytes(b"\0" * 10)
     resumed = run_glue(tiny_config(tiny, tmp_path / "cut", **options, resume=True))

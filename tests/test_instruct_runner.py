@@ -153,7 +153,8 @@ def test_tiny_full_finetune_with_packing_and_chat_template(tmp_path, tiny_model_
     assert results["equivalent_rank"] is None and results["trainable_params"] > 50_000
     assert results["num_train_sequences"] < results["num_train_examples"]  # packing merged examples
     assert "instruct/heldout_loss" not in results["summary"]
-    assert (out / "model" / "config.json").is_file()
+    assert (out / "model" / "config.json").is_file() and not (out / "adapter").exists()
+    assert results["saved_to"] == "model" and results["head_params"] is None
 
 
 @pytest.mark.slow

@@ -208,3 +208,47 @@ def test_dropout_applies_only_in_training():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert not torch.allclose(model(x), model(x))
+
+
+def test_a_layer_built_directly_gets_the_one_n_divides_diagnosis():
+    """Linear(...) outside get_peft_model: the same diagnosis as MELoRAModel's, with divisors of its own sizes."""
+    from melora.tuner.layer import Linear
+
+    with pytest.raises(
+        ValueError,
+        match=r"^n=5 does not divide in_features=12 of proj \(in_features=12, out_features=18\); use n in "
+        r"\{1, 2, 3, 6\} \(divisors of its in_features and out_features\) or n_pattern=\{\"proj\": 3\}, "
+        r"or exclude this module \(exclude_modules / target_modules\)\.$",
+    ):
+        Linear(torch.nn.Linear(12, 18), "default", module_name="proj", r=1, n=5)
+
+
+def test_a_layer_built_directly_checks_r_n_alpha_dropout_with_the_configs_rules():
+    from melora.args import UserError
+    from melora.tuner.layer import Linear
+
+    (expected,) = MELoRAConfig.hyperparameter_problems(alpha=0)
+    with pytest.raises(
+        UserError, match=r"^Invalid MELoRA layer proj: alpha=0: the scaling numerator"
+    ) as info:
+        Linear(torch.nn.Linear(8, 8), "default", module_name="proj", r=1, n=2, alpha=0)
+    assert expected in str(info.value)
+
+
+def test_unsupported_module_has_one_message_from_every_path():
+    from melora.tuner.layer import _features, unsupported_module_error
+
+    class WithNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+
+    expected = (
+        r"^MELoRA cannot adapt norm of type LayerNorm: only torch\.nn\.Linear, transformers' Conv1D and their "
+        r"quantized versions \(bitsandbytes, torchao, HQQ\) are supported\. Remove it from target_modules\.$"
+    )
+    with pytest.raises(TypeError, match=expected):
+        get_peft_model(WithNorm(), MELoRAConfig(r=1, n=2, target_modules=["norm"]))
+    with pytest.raises(TypeError, match=expected):
+        _features(torch.nn.LayerNorm(8), "norm")
+    assert str(unsupported_module_error("norm", torch.nn.LayerNorm(8))).startswith("MELoRA cannot adapt norm")

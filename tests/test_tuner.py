@@ -236,3 +236,38 @@ def test_invalid_adapter_config_file_is_named(tmp_path):
 def test_config_field_types_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MELoRAConfig(**{"r": 1, "n": 4, **kwargs})
+
+
+def test_layer_zero_with_layers_pattern_is_accepted_like_peft():
+    """layers_to_transform=0 is layer 0, not "unset" (PEFT fixed the same check in every tuner, PR #3425)."""
+    config = MELoRAConfig(r=1, n=4, target_modules=["q_proj"], layers_to_transform=0, layers_pattern="layers")
+    model = get_peft_model(tiny_llama(), config)
+    adapted = [name for name, module in model.named_modules() if isinstance(module, MELoRALayer)]
+    assert adapted == ["base_model.model.model.layers.0.self_attn.q_proj"]
+    with pytest.raises(
+        ValueError,
+        match=r"layers_pattern='layers' is set but layers_to_transform is not: set both "
+        r"\(e\.g\. layers_to_transform=\[0, 1\]\), or neither",
+    ):
+        MELoRAConfig(r=1, n=4, target_modules=["q_proj"], layers_pattern="layers")
+
+
+def test_config_collects_peft_and_melora_problems_into_one_error():
+    from melora.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        MELoRAConfig(
+            r=0,
+            n=4,
+            task_type="TRANSLATE",
+            layers_to_transform=[0],
+            layers_pattern=3,
+            trainable_token_indices="x",
+        )
+    problems = info.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("Invalid task type: 'TRANSLATE'")
+    assert any(p.startswith("r=0: the rank of each mini LoRA") for p in problems)
+    assert any(p.startswith("layers_pattern=3: must be the name of the layer list") for p in problems)
+    assert any(p.startswith("trainable_token_indices='x': must be a list of token ids") for p in problems)
+    assert str(info.value).startswith("Invalid MELoRAConfig:\n  - Invalid task type")

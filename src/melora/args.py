@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from melora.errors import UserError  # defined in the core; `from melora.args import UserError` keeps working
+
 METHODS = ("melora", "lora", "full")
 DEFAULT_R = {"melora": 1, "lora": 8}
 DEFAULT_N = 8
-
-
-class UserError(ValueError):
-    """A mistake in the user's input (a flag, a file, a preset); the CLI prints it as one line, exit 2."""
 
 
 def opt(default: Any = None, help: str = "", **metadata: Any) -> Any:
@@ -96,14 +94,20 @@ class AdapterArgs:
                 problems.append("n_pattern applies to MELoRA only; drop it for --method lora")
             else:
                 self.n = None
-        for name in ("r", "n"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                problems.append(f"{name}={value!r}: expected a positive integer")
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            problems.append(f"alpha={self.alpha!r}: expected a finite number > 0")
-        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
-            problems.append(f"dropout={self.dropout!r}: expected a number in [0, 1)")
+        if self.method in ("melora", "lora"):
+            # r, n, alpha, dropout and the patterns follow MELoRAConfig's rules (LoRA's r/alpha/dropout too)
+            from melora.tuner.config import MELoRAConfig
+
+            rules = MELoRAConfig.hyperparameter_problems(
+                r=self.r,
+                n=1 if self.n is None else self.n,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                n_pattern=self.n_pattern,
+                r_pattern=self.r_pattern,
+                alpha_pattern=self.alpha_pattern,
+            )
+            problems += [problem.removesuffix(".") for problem in rules]
         if problems:
             raise _problems_error("adapter options", problems)
         if self.label is None:

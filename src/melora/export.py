@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 from collections import Counter
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from melora.errors import ConfigError, UserError
 from melora.functional import to_lora_factors
 from melora.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
 from melora.tuner.config import PEFT_TYPE, MELoRAConfig
@@ -75,10 +75,12 @@ def _factors_from_dir(adapter_dir: str | os.PathLike) -> tuple[MELoRAConfig, dic
             f"{config_file} has peft_type {found!r}; export_lora needs a MELoRA adapter (peft_type {PEFT_TYPE!r})."
         )
     config = config_from_dict(config_dict, config_file)
-    if config.bias != "none":
-        raise ValueError(f"{config_file}: {_bias_message(config)}")
     check_adapter_tensors(  # each module's n and r, with n_pattern / r_pattern applied
-        config, state, weights_file, lambda key: config.resolve(_module_name(key.rsplit(".", 1)[0]))[:2]
+        config,
+        state,
+        weights_file,
+        lambda key: config.resolve(_module_name(key.rsplit(".", 1)[0]))[:2],
+        config_source=config_file,
     )
     factors = {}
     for key in state:
@@ -193,8 +195,6 @@ def export_lora(
         config, parts = _factors_from_dir(model_or_adapter_dir)
     if config.peft_type != PEFT_TYPE:
         raise ValueError(f"Adapter {adapter_name!r} is {config.peft_type}, not MELoRA: nothing to export.")
-    if config.bias != "none":
-        raise ValueError(_bias_message(config))
     if not parts["factors"]:
         raise ValueError("The adapter holds no MELoRA factors: nothing to export.")
     # per module: MELoRA's n, r (from A's shape) and alpha -> the exported rank n*r and lora_alpha n*alpha
@@ -239,83 +239,31 @@ def export_lora(
 
 _SAVED_PREFIX = "base_model.model."
 _MAX_LISTED = 25
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_names(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(item, str) for item in value)
-
-
-def _is_token_indices(value: Any) -> bool:
-    if isinstance(value, dict):
-        return all(
-            isinstance(k, str) and isinstance(v, list) and all(map(_is_int, v)) for k, v in value.items()
-        )
-    return isinstance(value, list) and all(map(_is_int, value))
-
-
-# field -> (check, what it must be); the fields an export reads. Fields missing from the file keep defaults,
-# except the REQUIRED ones, which every saved MELoRA adapter has.
-CONFIG_FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "r": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "alpha": (lambda v: _is_real(v) and math.isfinite(v) and v > 0, "a finite number > 0"),
-    "dropout": (lambda v: _is_real(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "target_modules": (
-        lambda v: v is None or isinstance(v, str) or _is_names(v),
-        "a list of names, a regex or null",
-    ),
-    "exclude_modules": (
-        lambda v: v is None or isinstance(v, str) or _is_names(v),
-        "a list of names, a regex or null",
-    ),
-    "modules_to_save": (lambda v: v is None or _is_names(v), "a list of module names or null"),
-    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
-    "bias": (lambda v: v in ("none", "all", "melora_only"), "'none', 'all' or 'melora_only'"),
-    "init_weights": (lambda v: isinstance(v, bool), "true or false"),
-    "layers_to_transform": (
-        lambda v: v is None or _is_int(v) or (isinstance(v, list) and all(map(_is_int, v))),
-        "an integer, a list of integers or null",
-    ),
-    "layers_pattern": (
-        lambda v: v is None or isinstance(v, str) or _is_names(v),
-        "a name, a list of names or null",
-    ),
-    "task_type": (lambda v: v is None or isinstance(v, str), "a task type such as 'CAUSAL_LM', or null"),
-    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "revision": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "trainable_token_indices": (
-        lambda v: v is None or _is_token_indices(v),
-        "a list of token ids, a {module: [token ids]} mapping or null",
-    ),
-}
+# Fields every saved MELoRA adapter has: a file without them was not written by save_pretrained.
 REQUIRED_CONFIG_FIELDS = ("r", "n", "alpha")
 
 
 def config_from_dict(config_dict: dict[str, Any], source: str | os.PathLike) -> MELoRAConfig:
-    """A MELoRAConfig from a saved adapter_config.json, every field's type checked; errors name ``source``."""
+    """The MELoRAConfig of a saved adapter_config.json; one error, naming ``source``, lists every problem.
+
+    The fields are validated by MELoRAConfig itself; only what a file can get wrong beyond that (a required
+    field missing, a field this version does not know) is checked here.
+    """
     problems = [f"{name} is missing" for name in REQUIRED_CONFIG_FIELDS if name not in config_dict]
-    for name, (check, expected) in CONFIG_FIELD_CHECKS.items():
-        if name in config_dict and not check(config_dict[name]):
-            value = config_dict[name]
-            problems.append(f"{name}={value!r} ({type(value).__name__}): expected {expected}")
-    if problems:
-        raise ValueError(_problem_list(f"{source} is not a valid MELoRA adapter config", problems))
     known = MELoRAConfig.__dataclass_fields__
     unknown = sorted(set(config_dict) - set(known))
     if unknown:  # as PEFT does for a config saved by a newer version
         logger.warning("%s: ignoring unknown fields %s", source, unknown)
+    config = None
     try:
-        return MELoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "peft_type"})
+        config = MELoRAConfig(**{k: v for k, v in config_dict.items() if k in known and k != "peft_type"})
+    except ConfigError as err:
+        problems += err.problems
     except (ValueError, TypeError) as err:
-        raise ValueError(f"{source}: {err}") from err
+        problems.append(str(err))
+    if problems or config is None:
+        raise ValueError(_problem_list(f"{source} is not a valid MELoRA adapter config", problems))
+    return config
 
 
 def _problem_list(headline: str, problems: list[str]) -> str:
@@ -351,8 +299,12 @@ def check_adapter_tensors(
     state: dict[str, torch.Tensor],
     source: str | os.PathLike,
     expected_n_r: Callable[[str], tuple[int, int]],
+    config_source: str | os.PathLike | None = None,
 ) -> None:
     """Refuse an adapter whose tensors a LoRA export would get wrong; one error lists every problem.
+
+    First an adapter with biases (``bias != "none"``: a LoRA has none), named by ``config_source`` (the
+    adapter_config.json; default ``source``).
 
     Checks: every ``<module>.melora_A`` has its ``.melora_B`` and back; A is (n, r, k) and B is (n, o, r) with
     the n and r that ``expected_n_r(key)`` gives (the config's, or the live layer's); all tensors floating
@@ -360,7 +312,7 @@ def check_adapter_tensors(
     trainable_token_indices) token deltas.
     """
     if config.bias != "none":
-        raise ValueError(f"{source}: {_bias_message(config)}")
+        raise ValueError(f"{config_source or source}: {_bias_message(config)}")
     to_save = list(config.modules_to_save or [])
     problems = []
     a_keys = {k.removesuffix(".melora_A") for k in state if k.endswith(".melora_A")}
@@ -434,13 +386,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="fold each module's scaling into lora_B, pad to one rank, write no rank/alpha patterns "
         "(for llama.cpp and vLLM, which ignore them)",
     )
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=main)
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """CLI entry of ``melora export-lora``."""
     source = Path(args.adapter_dir)
-    if not (source / ADAPTER_CONFIG).is_file() and (source / "adapter" / ADAPTER_CONFIG).is_file():
-        source = source / "adapter"  # a run folder of melora glue / instruct
+    if not (source / ADAPTER_CONFIG).is_file():
+        if (source / "adapter" / ADAPTER_CONFIG).is_file():
+            source = source / "adapter"  # a run folder of melora glue / instruct
+        elif (source / "model").is_dir():
+            raise UserError(
+                f"{source} is the run folder of a full fine-tune: its model/ holds a whole model, not an "
+                "adapter, so there is no LoRA to export. Pass a MELoRA adapter folder or a MELoRA run folder."
+            )
     out = export_lora(source, args.lora_dir, fold_scaling=args.fold_scaling)
     print(f"wrote a standard LoRA adapter to {out}")
     return 0

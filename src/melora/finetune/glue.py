@@ -1,7 +1,9 @@
 """``melora glue``: fine-tune an encoder on one GLUE task with MELoRA, LoRA or full fine-tuning.
 
 Setup (data, model, adapter) -> transformers ``Trainer`` (so ``torchrun`` / ``accelerate launch``
-distribute it) -> per-epoch dev metrics -> ``results.json`` and the adapter in ``--output-dir``.
+distribute it) -> per-epoch dev metrics -> ``results.json`` and the adapter in ``--output-dir``. The run
+itself is :mod:`melora.finetune.skeleton` (the same for ``melora instruct``), which also fixes the run
+folder: ``checkpoints/``, ``adapter/`` (``model/`` for full fine-tuning), ``results.json``.
 
 Without ``--config`` the defaults are measured to learn on a small encoder in minutes on a CPU
 (per-method learning rates, batch 32, 3 epochs; see docs/results_glue.md). ``--config
@@ -16,14 +18,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from melora.args import AdapterArgs, RunOptions, TrainArgs, UserError, opt
 from melora.data.glue import TASKS
+
+if TYPE_CHECKING:
+    from melora.finetune.skeleton import TrainerPieces
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +49,9 @@ class GlueArgs:
     group_by_length: bool = opt(
         True, "batch examples of similar length together (less padding; --resume is exact only without it)"
     )
-    save_model: bool = opt(True, "save the adapter (or full model) into <output-dir>/adapter")
+    save_model: bool = opt(
+        True, "save the adapter into <output-dir>/adapter (full fine-tuning: <output-dir>/model)"
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -163,13 +167,13 @@ def _default_head(adapter: AdapterArgs, model) -> AdapterArgs:
     return adapter
 
 
-def build_trainer(run: GlueRun):
-    """Data, model, adapter and a configured ``Trainer``; returns ``(trainer, model, data, tokenizer)``."""
-    from transformers import DataCollatorWithPadding, Trainer, set_seed
+def trainer_pieces(run: GlueRun) -> TrainerPieces:
+    """GLUE's part of the run: data, model with its adapter, metrics and evaluation every epoch."""
+    from transformers import DataCollatorWithPadding, set_seed
 
     from melora.data.glue import get_task, load_glue, subsample
     from melora.eval.glue_metrics import glue_metrics, logits_to_predictions
-    from melora.finetune.training import StopAfterSteps, training_arguments
+    from melora.finetune.skeleton import TrainerPieces
     from melora.models import load_sequence_classifier
 
     glue, train = run.glue, run.train
@@ -192,115 +196,65 @@ def build_trainer(run: GlueRun):
         return glue_metrics(task.name, predictions, eval_pred.label_ids)
 
     steps_per_epoch = max(1, len(data["train"]) // (train.batch_size * train.grad_accum))
-    args = training_arguments(
-        train,
-        train.output_dir,
-        eval_strategy="epoch",
-        logging_strategy="steps",
-        logging_steps=max(1, steps_per_epoch // 10),
-        label_names=["labels"],
-        train_sampling_strategy="group_by_length" if glue.group_by_length else "random",
-        length_column_name="length",
-    )
     eval_sets = {split: data[split] for split in task.eval_files}
-    trainer = Trainer(
+    return TrainerPieces(
         model=model,
-        args=args,
+        tokenizer=tokenizer,
         train_dataset=data["train"],
         eval_dataset=eval_sets if len(eval_sets) > 1 else next(iter(eval_sets.values())),
         data_collator=DataCollatorWithPadding(tokenizer),
-        processing_class=tokenizer,
         compute_metrics=compute_metrics,
-        callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
+        arguments={
+            "eval_strategy": "epoch",
+            "logging_strategy": "steps",
+            "logging_steps": max(1, steps_per_epoch // 10),
+            "label_names": ["labels"],
+            "train_sampling_strategy": "group_by_length" if glue.group_by_length else "random",
+            "length_column_name": "length",
+        },
+        # Sequence classifiers take **kwargs, so Trainer passes num_items_in_batch and, with
+        # average_tokens_across_devices (on by default, transformers#39395), multiplies the loss by the
+        # world size; their loss is a batch mean that ignores it, so each rank's loss and gradient came out
+        # world_size x too large (gradient clipping then differs from one process). Treat it as the plain mean.
+        model_accepts_loss_kwargs=False,
     )
-    # Sequence classifiers take **kwargs, so Trainer passes num_items_in_batch and, with
-    # average_tokens_across_devices (on by default, transformers#39395), multiplies the loss by the
-    # world size; their loss is a batch mean that ignores it, so each rank's loss and gradient came out
-    # world_size x too large (gradient clipping then differs from one process). Treat it as the plain mean.
-    trainer.model_accepts_loss_kwargs = False
-    return trainer, model, data, tokenizer
 
 
 def run_glue(run: GlueRun) -> dict[str, Any]:
-    """Train and evaluate one run; writes ``results.json`` (and the adapter) on the main process.
+    """Train and evaluate one run (:func:`melora.finetune.skeleton.run_training` with GLUE's pieces).
 
-    Returns the results dict, or ``{"stopped_at_step": k, ...}`` when ``stop_after_steps`` cut it short.
+    Writes ``results.json`` (and the adapter, or a full fine-tune's model) on the main process; returns the
+    results dict, or ``{"stopped_at_step": k, ...}`` when ``stop_after_steps`` cut it short.
     """
-    import torch
-
-    from melora.accounting import parameter_counts
     from melora.data.glue import get_task
     from melora.eval.glue_metrics import trivial_baseline
-    from melora.finetune.sharding import check_sharding_active, gathered_state_dict
-    from melora.finetune.training import (
-        check_output_dir,
-        last_complete_checkpoint,
-        save_final,
-        trainable_checksum,
-    )
-    from melora.provenance import provenance
-    from melora.records import RunRecord
+    from melora.finetune.skeleton import Outcome, run_training
 
-    start = time.time()
-    if run.train.threads:
-        torch.set_num_threads(run.train.threads)
     task = get_task(run.glue.task)
-    out = check_output_dir(run.train.output_dir)  # a bad path fails now, not after training
-    trainer, model, data, tokenizer = build_trainer(run)
-    check_sharding_active(trainer)
-    checkpoint = last_complete_checkpoint(out) if run.train.resume else None
-    if run.train.resume and checkpoint is None:
-        logger.warning("--resume: no complete checkpoint-* folder in %s; starting from scratch", out)
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    state = trainer.state
-    if run.train.stop_after_steps and state.global_step < state.max_steps:
-        return {"stopped_at_step": state.global_step, "checkpoint": last_complete_checkpoint(out)}
-    epochs = epoch_metrics(state.log_history, list(task.eval_files))
-    best, last, summary = summarize(task.name, epochs)
-    first_split = next(iter(task.eval_files))
-    baseline = trivial_baseline(task.name, data["train"]["label"], data[first_split]["label"])
-    counts = parameter_counts(model)
-    adapter = run.adapter
-    record = RunRecord(
-        kind="glue",
-        label=adapter.label,
-        slug=adapter.slug,
-        method=adapter.method,
-        summary=summary,
-        seed=run.train.seed,
-        task=task.name,
-        adapter=asdict(adapter),
-        config=run.to_dict(),
-        trainable_params=counts["trainable_params"],
-        adapter_params=counts["adapter_params"],
-        head_params=counts["trainable_params"] - counts["adapter_params"]
-        if adapter.method != "full"
-        else None,
-        equivalent_rank=counts["equivalent_rank"],
-        wall_time_s=round(time.time() - start, 2),
-        versions=provenance(),
-        details={
-            "primary_metric": primary_key(task.name),
-            "trivial_baseline": baseline,
-            "best_epoch": best["epoch"],
-            "best": best,
-            "last": last,
-            "epochs": epochs,
-            "num_train_examples": len(data["train"]),
-            "num_eval_examples": len(data[first_split]),
-            "train_runtime_s": train_output.metrics.get("train_runtime"),
-            "world_size": trainer.args.world_size,
-            "resumed_from": checkpoint,
-            "trainable_checksum": trainable_checksum(model),
-            "total_params": counts["total_params"],
-        },
-    )
-    state_dict = gathered_state_dict(trainer) if run.glue.save_model else None  # every rank
-    if trainer.is_world_process_zero():
-        if run.glue.save_model:
-            save_final(model, tokenizer, out / "adapter", state_dict)
-        record.write(out)
-    return record.to_dict()
+
+    def outcome(trainer, pieces: TrainerPieces, train_output) -> Outcome:
+        epochs = epoch_metrics(trainer.state.log_history, list(task.eval_files))
+        best, last, summary = summarize(task.name, epochs)
+        evaluated = pieces.eval_dataset  # one dev set, or {split: dev set} in task.eval_files' order
+        first = next(iter(evaluated.values())) if isinstance(evaluated, dict) else evaluated
+        return Outcome(
+            task=task.name,
+            summary=summary,
+            details={
+                "primary_metric": primary_key(task.name),
+                "trivial_baseline": trivial_baseline(
+                    task.name, pieces.train_dataset["label"], first["label"]
+                ),
+                "best_epoch": best["epoch"],
+                "best": best,
+                "last": last,
+                "epochs": epochs,
+                "num_train_examples": len(pieces.train_dataset),
+                "num_eval_examples": len(first),
+            },
+        )
+
+    return run_training(run, "glue", lambda: trainer_pieces(run), outcome, save=run.glue.save_model)
 
 
 def format_result(results: dict[str, Any]) -> str:
@@ -324,23 +278,10 @@ def format_result(results: dict[str, Any]) -> str:
 def main(args: argparse.Namespace) -> int:
     """CLI entry: merge the YAML preset and flags, run, print the summary (rank 0)."""
     from melora.args import load_preset
-    from melora.finetune.training import is_main_process
+    from melora.finetune.skeleton import finish
 
     run = GlueRun.from_options(vars(args), load_preset(args.config), args.config)
-    results = run_glue(run)
-    if "stopped_at_step" in results:
-        print(f"stopped at step {results['stopped_at_step']}; rerun with --resume to continue")
-        return 0
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:  # every rank: what it computed, so disagreement between processes shows
-        key = results["primary_metric"]
-        print(
-            f"[rank {rank}/{world}] {key}={results['best'][key]:.6f} checksum={results['trainable_checksum']:.6f}"
-        )
-    if is_main_process():
-        print(format_result(results))
-        print(f"results: {Path(run.train.output_dir) / 'results.json'}")
-    return 0
+    return finish(run_glue(run), run.train.output_dir, format_result)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

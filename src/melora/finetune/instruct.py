@@ -1,7 +1,9 @@
 """``melora instruct``: instruction tuning of a causal LM with MELoRA, LoRA or full fine-tuning.
 
 setup (data, model, adapter) -> train (HF Trainer: accelerate / FSDP / DeepSpeed ready) -> evaluate
-(held-out loss before and after) -> write the adapter and ``results.json`` into ``--output-dir``.
+(held-out loss before and after) -> write the adapter and ``results.json`` into ``--output-dir``. The run
+itself is :mod:`melora.finetune.skeleton` (the same for ``melora glue``), which also fixes the run folder:
+``checkpoints/``, ``adapter/`` (``model/`` for full fine-tuning), ``results.json``.
 """
 
 from __future__ import annotations
@@ -9,10 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from melora.data.instruct import (
     tokenize_example,
 )
 from melora.finetune.qlora import QUANTIZE
+
+if TYPE_CHECKING:
+    from melora.finetune.skeleton import TrainerPieces
 
 logger = logging.getLogger(__name__)
 
@@ -178,33 +181,17 @@ def _base_loss_after_training(trainer, model, method: str) -> float | None:
         return trainer.evaluate()["eval_loss"]
 
 
-def run_instruct(run: InstructRun) -> dict[str, Any]:
-    """Train one model on instruction data and write the adapter + ``results.json``; return the results.
+def trainer_pieces(run: InstructRun) -> TrainerPieces:
+    """Instruct's part of the run: the split data, the (maybe quantized) model with its adapter, the collator.
 
-    Checkpoints (``--save-strategy steps|epoch``) go to ``<output-dir>/checkpoints``; ``--resume``
-    continues from the last complete one. Returns ``{"stopped_at_step": k, ...}`` when
-    ``--stop-after-steps`` cut the run short.
+    Its ``details`` hold the example counts and, when measured before training, the base model's held-out
+    loss (``heldout_loss_base``).
     """
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
-    from melora.accounting import parameter_counts
-    from melora.finetune.sharding import check_sharding_active, gathered_state_dict
-    from melora.finetune.training import (
-        StopAfterSteps,
-        check_output_dir,
-        last_complete_checkpoint,
-        save_final,
-        trainable_checksum,
-        training_arguments,
-    )
-    from melora.provenance import provenance
-    from melora.records import RunRecord
+    from melora.finetune.skeleton import TrainerPieces
 
     args, adapter, train = run.instruct, run.adapter, run.train
-    start = time.time()
-    if train.threads:
-        torch.set_num_threads(train.threads)
-    output_dir = check_output_dir(train.output_dir)  # a bad path fails now, not after training
     examples = load_examples(args.data)
     train_examples, val_examples = split_examples(
         examples, args.val_size, args.max_train_samples, seed=args.data_seed
@@ -217,93 +204,77 @@ def run_instruct(run: InstructRun) -> dict[str, Any]:
         train_features = pack_features(train_features, args.max_length)
     val_features = _features(val_examples, tokenizer, args)
     model = adapter.apply(model, task_type="CAUSAL_LM")
-    params = parameter_counts(model)
-    logger.info(
-        "%s: %d train / %d held-out examples, %s trainable parameters",
-        adapter.label,
-        len(train_features),
-        len(val_features),
-        f"{params['trainable_params']:,}",
-    )
-    checkpoints = output_dir / "checkpoints"
-    trainer = Trainer(
+    logger.info("%s: %d train / %d held-out examples", adapter.label, len(train_features), len(val_features))
+    details: dict[str, Any] = {
+        "heldout_loss_base": None,
+        "num_train_examples": len(train_examples),
+        "num_train_sequences": len(train_features),
+        "num_heldout_examples": len(val_examples),
+    }
+
+    def before_train(trainer) -> None:
+        # FSDP2 cannot evaluate before training (accelerate prepares model and optimizer together:
+        # transformers#39961): the base loss is then measured after training with the adapter disabled.
+        if val_features and args.eval_base and not trainer.is_fsdp_enabled:
+            details["heldout_loss_base"] = float(trainer.evaluate()["eval_loss"])
+
+    return TrainerPieces(
         model=model,
-        args=training_arguments(
-            train,
-            checkpoints,
-            logging_steps=args.logging_steps,
-            eval_strategy="no",
-            bf16=args.bf16,
-            activation_checkpointing=args.gradient_checkpointing,
-            activation_checkpointing_kwargs={"use_reentrant": False} if args.gradient_checkpointing else None,
-            train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-            remove_unused_columns=False,
-            **({"optim": optim} if optim else {}),
-        ),
-        data_collator=InstructCollator(pad_token_id=tokenizer.pad_token_id),
+        tokenizer=tokenizer,
         train_dataset=train_features,
         eval_dataset=val_features or None,
-        processing_class=tokenizer,
-        callbacks=[StopAfterSteps(train.stop_after_steps)] if train.stop_after_steps else None,
-    )
-    check_sharding_active(trainer)
-    checkpoint = last_complete_checkpoint(checkpoints) if train.resume else None
-    if train.resume and checkpoint is None:
-        logger.warning("--resume: no complete checkpoint in %s; starting from scratch", checkpoints)
-    # FSDP2 cannot evaluate before training (accelerate prepares model and optimizer together:
-    # transformers#39961): the base loss is then measured after training with the adapter disabled.
-    base_first = bool(val_features and args.eval_base) and not trainer.is_fsdp_enabled
-    heldout_base = trainer.evaluate()["eval_loss"] if base_first else None
-    train_output = trainer.train(resume_from_checkpoint=checkpoint)
-    state = trainer.state
-    if train.stop_after_steps and state.global_step < state.max_steps:
-        return {"stopped_at_step": state.global_step, "checkpoint": last_complete_checkpoint(checkpoints)}
-    heldout = trainer.evaluate()["eval_loss"] if val_features else None
-    if val_features and args.eval_base and not base_first:
-        heldout_base = _base_loss_after_training(trainer, model, adapter.method)
-    save_dir = output_dir / ("model" if adapter.method == "full" else "adapter")
-
-    curve = _loss_curve(state.log_history)
-    summary = {"instruct/train_loss": float(train_output.training_loss)}
-    if curve:
-        summary["instruct/train_loss_last"] = float(curve[-1]["loss"])
-    if heldout is not None:
-        summary["instruct/heldout_loss"] = float(heldout)
-    record = RunRecord(
-        kind="instruct",
-        label=adapter.label,
-        slug=adapter.slug,
-        method=adapter.method,
-        summary=summary,
-        seed=train.seed,
-        task="instruct",
-        adapter=asdict(adapter),
-        config=run.to_dict(),
-        trainable_params=params["trainable_params"],
-        adapter_params=params["adapter_params"],
-        equivalent_rank=params["equivalent_rank"],
-        wall_time_s=round(time.time() - start, 2),
-        versions=provenance(),
-        details={
-            "heldout_loss_base": None if heldout_base is None else float(heldout_base),
-            "loss_curve": curve,
-            "num_train_examples": len(train_examples),
-            "num_train_sequences": len(train_features),
-            "num_heldout_examples": len(val_examples),
-            "global_steps": state.global_step,
-            "saved_to": save_dir.name,
-            "resumed_from": checkpoint,
-            "trainable_checksum": trainable_checksum(model),
-            "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
-            "quantized_base": _quantized_base(model),
-            "total_params": params["total_params"],
+        data_collator=InstructCollator(pad_token_id=tokenizer.pad_token_id),
+        arguments={
+            "logging_steps": args.logging_steps,
+            "eval_strategy": "no",
+            "bf16": args.bf16,
+            "activation_checkpointing": args.gradient_checkpointing,
+            "activation_checkpointing_kwargs": {"use_reentrant": False}
+            if args.gradient_checkpointing
+            else None,
+            "train_sampling_strategy": "group_by_length" if args.group_by_length else "random",
+            "remove_unused_columns": False,
+            **({"optim": optim} if optim else {}),
         },
+        before_train=before_train,
+        details=details,
     )
-    state_dict = gathered_state_dict(trainer)  # every rank: under FSDP / ZeRO-3 the full tensors
-    if trainer.is_world_process_zero():
-        save_final(model, tokenizer, save_dir, state_dict)
-        record.write(output_dir)
-    return record.to_dict()
+
+
+def run_instruct(run: InstructRun) -> dict[str, Any]:
+    """Train one model on instruction data (:func:`melora.finetune.skeleton.run_training` with instruct's pieces).
+
+    Writes the adapter (or a full fine-tune's model) and ``results.json``; returns the results.
+    Checkpoints (``--save-strategy steps|epoch``) go to ``<output-dir>/checkpoints``; ``--resume``
+    continues from the last complete one. Returns ``{"stopped_at_step": k, ...}`` when
+    ``--stop-after-steps`` cut the run short.
+    """
+    from melora.finetune.skeleton import Outcome, run_training
+
+    def outcome(trainer, pieces: TrainerPieces, train_output) -> Outcome:
+        measured = pieces.eval_dataset is not None
+        heldout = trainer.evaluate()["eval_loss"] if measured else None
+        base = pieces.details["heldout_loss_base"]
+        if measured and run.instruct.eval_base and base is None:
+            base = _base_loss_after_training(trainer, pieces.model, run.adapter.method)
+        curve = _loss_curve(trainer.state.log_history)
+        summary = {"instruct/train_loss": float(train_output.training_loss)}
+        if curve:
+            summary["instruct/train_loss_last"] = float(curve[-1]["loss"])
+        if heldout is not None:
+            summary["instruct/heldout_loss"] = float(heldout)
+        return Outcome(
+            task="instruct",
+            summary=summary,
+            details={
+                "heldout_loss_base": None if base is None else float(base),
+                "loss_curve": curve,
+                "optimizer": getattr(trainer.args.optim, "value", trainer.args.optim),
+                "quantized_base": _quantized_base(pieces.model),
+            },
+        )
+
+    return run_training(run, "instruct", lambda: trainer_pieces(run), outcome)
 
 
 def format_result(results: dict[str, Any]) -> str:
@@ -321,20 +292,13 @@ def format_result(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: merge the YAML preset and flags, run, print the summary (rank 0)."""
     from melora.args import load_preset
-    from melora.finetune.training import is_main_process
+    from melora.finetune.skeleton import finish
 
     run = InstructRun.from_options(vars(args), load_preset(args.config), args.config)
-    results = run_instruct(run)
-    if not is_main_process():  # under accelerate launch / torchrun: the summary once
-        return 0
-    if "stopped_at_step" in results:
-        print(f"stopped at step {results['stopped_at_step']}; rerun with --resume to continue")
-        return 0
-    print(format_result(results))
-    print(f"results: {Path(run.train.output_dir) / 'results.json'}; adapter: {results['saved_to']}/")
-    return 0
+    return finish(run_instruct(run), run.train.output_dir, format_result)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -346,7 +310,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     InstructRun.add_arguments(parser, "configs/instruct/")
-    parser.set_defaults(func=_run)
+    parser.set_defaults(func=main)
     return parser
 
 

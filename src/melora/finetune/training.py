@@ -2,6 +2,8 @@
 
 - :func:`check_output_dir`: the output folder exists and is writable, checked before any training;
 - :func:`training_arguments`: ``TrainArgs`` -> ``TrainingArguments`` (CPU gives gloo DDP under torchrun);
+- the run folder's layout (:func:`checkpoints_folder`, :func:`saved_model_folder`, :func:`checkpoint_folders`):
+  ``<run>/checkpoints/checkpoint-N``, ``<run>/adapter/`` or (full fine-tuning) ``<run>/model/``;
 - :func:`last_complete_checkpoint`: the newest ``checkpoint-*`` folder that a kill did not cut short;
 - :class:`StopAfterSteps`: checkpoint and stop at a step (an interruption, to test ``--resume``);
 - :func:`save_final`: the adapter (or full model) and tokenizer, written atomically into one folder
@@ -69,7 +71,7 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
     """
     import tempfile
 
-    from melora.args import UserError
+    from melora.errors import UserError
 
     path = Path(output_dir)
     fix = "pass --output-dir a folder you can write to (a new path or an existing folder)"
@@ -89,6 +91,44 @@ def check_output_dir(output_dir: str | os.PathLike) -> Path:
         where = "" if path in (failed, failed.parent) else f" ({failed})"  # mkdir failed higher up: name it
         raise UserError(f"output folder {path} is not writable: {reason}{where}; {fix}.") from None
     return path
+
+
+# The run folder of every runner (melora glue, melora instruct).
+CHECKPOINTS = "checkpoints"  # <run>/checkpoints/checkpoint-N: Trainer's checkpoints
+ADAPTER = "adapter"  # <run>/adapter/: the trained adapter
+MODEL = "model"  # <run>/model/: the fully fine-tuned model (--method full)
+SAVED_FOLDERS = (
+    ADAPTER,
+    MODEL,
+)  # what a finished run saved; runs before the one layout kept full models in adapter/
+
+
+def checkpoints_folder(run_dir: str | os.PathLike) -> Path:
+    """Where a run's Trainer writes its ``checkpoint-N`` folders: ``<run>/checkpoints``."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoint_folders(run_dir: str | os.PathLike) -> list[Path]:
+    """Every folder that may hold a run's checkpoints, newest layout first.
+
+    ``<run>/checkpoints``; then ``<run>`` itself, where ``melora glue`` wrote them before both runners shared
+    one layout (so such a run still resumes, and a study still cleans it up).
+    """
+    return [checkpoints_folder(run_dir), Path(run_dir)]
+
+
+def run_checkpoint(run_dir: str | os.PathLike) -> str | None:
+    """The checkpoint ``--resume`` continues from: the newest complete one of :func:`checkpoint_folders`."""
+    for folder in checkpoint_folders(run_dir):
+        checkpoint = last_complete_checkpoint(folder)
+        if checkpoint is not None:
+            return checkpoint
+    return None
+
+
+def saved_model_folder(run_dir: str | os.PathLike, method: str) -> Path:
+    """Where a run saves what it trained: ``<run>/model`` for full fine-tuning, ``<run>/adapter`` otherwise."""
+    return Path(run_dir) / (MODEL if method == "full" else ADAPTER)
 
 
 def _step(path: Path) -> int:

@@ -12,6 +12,8 @@ from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 from peft.utils.other import get_pattern_key
 
+from melora.errors import ConfigError, UserError
+
 
 class PeftTypeName(str):
     """The method's name as PEFT sees it: a plain string ("MELORA") that also answers ``.value`` like an enum.
@@ -30,6 +32,10 @@ PEFT_TYPE = PeftTypeName("MELORA")
 def _is_real(value: object) -> bool:
     """True for int and float values (not bool, str or None): what arithmetic on alpha/dropout needs."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -109,28 +115,28 @@ class MELoRAConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        problems = []
+        try:
+            super().__post_init__()  # PEFT's own checks (task_type)
+        except ValueError as err:
+            problems.append(str(err))
         self.peft_type = PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        problems = []
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            problems.append(f"r={self.r!r}: the rank of each mini LoRA must be an integer >= 1 (e.g. r=1).")
-        if not isinstance(self.n, int) or isinstance(self.n, bool) or self.n < 1:
-            problems.append(
-                f"n={self.n!r}: the number of mini LoRAs must be an integer >= 1 (e.g. n=8; n=1 is plain LoRA)."
-            )
-        if not _is_real(self.alpha) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            problems.append(
-                f"alpha={self.alpha!r}: the scaling numerator must be a finite number > 0 (e.g. alpha=16); "
-                "scaling = alpha / r."
-            )
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            problems.append(
-                f"dropout={self.dropout!r}: must lie in [0, 1) and be a number (e.g. dropout=0.05)."
-            )
+        for name in ("n_pattern", "r_pattern", "alpha_pattern"):  # None: no per-module values
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+        problems += self.hyperparameter_problems(
+            r=self.r,
+            n=self.n,
+            alpha=self.alpha,
+            dropout=self.dropout,
+            n_pattern=self.n_pattern,
+            r_pattern=self.r_pattern,
+            alpha_pattern=self.alpha_pattern,
+        )
         for name in ("fan_in_fan_out", "init_weights"):
             value = getattr(self, name)
             # a JSON "false" string is truthy: refuse it rather than misread it
@@ -141,6 +147,15 @@ class MELoRAConfig(PeftConfig):
         problems += self._module_list_problems()
         if self.bias not in ("none", "all", "melora_only"):
             problems.append(f"bias={self.bias!r}: choose 'none', 'all' or 'melora_only'.")
+        for name in ("base_model_name_or_path", "revision"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                problems.append(f"{name}={value!r}: must be a string or null (got {type(value).__name__}).")
+        if not _is_token_indices(self.trainable_token_indices):
+            problems.append(
+                f"trainable_token_indices={self.trainable_token_indices!r}: must be a list of token ids, a "
+                '{module name: [token ids]} mapping or null, e.g. [0, 5] or {"embed_tokens": [0, 5]}.'
+            )
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             # PEFT's LoraConfig sentence, verbatim, then the fix.
             problems.append(
@@ -154,29 +169,61 @@ class MELoRAConfig(PeftConfig):
                 "`layers_pattern` cannot be used when `target_modules` is a str. "
                 "Put the layer names into the regex, or pass target_modules as a list of names."
             )
-        if self.layers_pattern and not self.layers_to_transform:
-            problems.append("layers_pattern is set but layers_to_transform is not: set both, or neither.")
-        problems += self._pattern_problems()
+        # `is None`, not falsiness: layers_to_transform=0 is layer 0 (PEFT fixed the same check, PR #3425)
+        if self.layers_pattern and self.layers_to_transform is None:
+            problems.append(
+                f"layers_pattern={self.layers_pattern!r} is set but layers_to_transform is not: set both "
+                "(e.g. layers_to_transform=[0, 1]), or neither."
+            )
         if problems:
-            raise ValueError("Invalid MELoRAConfig:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(problems)
+
+    @staticmethod
+    def hyperparameter_problems(
+        r: Any = 1,
+        n: Any = 1,
+        alpha: Any = 16,
+        dropout: Any = 0.0,
+        n_pattern: Any = None,
+        r_pattern: Any = None,
+        alpha_pattern: Any = None,
+    ) -> list[str]:
+        """The rules for r, n, alpha, dropout and the per-module patterns: one line per problem, [] if none.
+
+        The one home of these rules: the config applies them when built, the runners' ``AdapterArgs`` before
+        building one (also for PEFT's LoRA, whose r / alpha / dropout follow the same rules) and the layer when
+        created directly. Each line names the field, the value, what it must be and an example.
+        """
+        problems = []
+        if not _is_int(r) or r < 1:
+            problems.append(f"r={r!r}: the rank of each mini LoRA must be an integer >= 1 (e.g. r=1).")
+        if not _is_int(n) or n < 1:
+            problems.append(
+                f"n={n!r}: the number of mini LoRAs must be an integer >= 1 (e.g. n=8; n=1 is plain LoRA)."
+            )
+        if not _is_real(alpha) or not math.isfinite(alpha) or alpha <= 0:
+            problems.append(
+                f"alpha={alpha!r}: the scaling numerator must be a finite number > 0 (e.g. alpha=16); "
+                "scaling = alpha / r."
+            )
+        if not _is_real(dropout) or not 0.0 <= dropout < 1.0:
+            problems.append(f"dropout={dropout!r}: must lie in [0, 1) and be a number (e.g. dropout=0.05).")
+        problems += _pattern_problems(n_pattern=n_pattern, r_pattern=r_pattern, alpha_pattern=alpha_pattern)
+        return problems
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         """PEFT's loader; an invalid adapter_config.json is a UserError that names the file."""
-        from melora.args import UserError
-
         try:
             return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        except ValueError as err:
-            if not str(err).startswith("Invalid MELoRAConfig"):
-                raise
+        except ConfigError as err:
             folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
             raise UserError(
                 f"{os.path.join(folder, CONFIG_NAME)}: {err}\nFix the values in that file (or retrain the adapter)."
             ) from None
 
     def _module_list_problems(self) -> list[str]:
-        """target_modules / exclude_modules / modules_to_save / layers_to_transform of the wrong type."""
+        """target_modules / exclude_modules / modules_to_save / layers_to_transform / layers_pattern of the wrong type."""
         problems = []
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
@@ -193,6 +240,14 @@ class MELoRAConfig(PeftConfig):
         ):
             problems.append(
                 f"layers_to_transform={layers!r}: must be a layer index >= 0 or a list of them, e.g. [0, 1]."
+            )
+        pattern = self.layers_pattern
+        if pattern is not None and not (
+            isinstance(pattern, str)
+            or (isinstance(pattern, (list, tuple)) and all(isinstance(v, str) and v for v in pattern))
+        ):
+            problems.append(
+                f'layers_pattern={pattern!r}: must be the name of the layer list or a list of names, e.g. "layers".'
             )
         return problems
 
@@ -225,41 +280,48 @@ class MELoRAConfig(PeftConfig):
             return default
         return pattern.get(get_pattern_key(pattern.keys(), module_name), default)
 
-    def _pattern_problems(self) -> list[str]:
-        """Problems with n_pattern / r_pattern / alpha_pattern, one line each naming the field and the key.
 
-        A pattern given as None becomes {} (no per-module values).
-        """
-        problems = []
-        for name, what in (
-            ("n_pattern", "an integer >= 1 (the number of mini LoRAs)"),
-            ("r_pattern", "an integer >= 1 (the rank of each mini LoRA)"),
-            ("alpha_pattern", "a finite number > 0"),
-        ):
-            pattern = getattr(self, name)
-            if pattern is None:
-                setattr(self, name, {})
+def _pattern_problems(**patterns: Any) -> list[str]:
+    """Problems with n_pattern / r_pattern / alpha_pattern, one line each naming the field and the key."""
+    problems = []
+    for name, what in (
+        ("n_pattern", "an integer >= 1 (the number of mini LoRAs)"),
+        ("r_pattern", "an integer >= 1 (the rank of each mini LoRA)"),
+        ("alpha_pattern", "a finite number > 0"),
+    ):
+        pattern = patterns.get(name)
+        if pattern is None:
+            continue
+        if not isinstance(pattern, dict):
+            problems.append(
+                f"{name}={pattern!r}: must be a dict of module name or regex -> value, "
+                f'e.g. {name}={{"v_proj": 4}}.'
+            )
+            continue
+        for key, value in pattern.items():
+            if not isinstance(key, str) or not key:
+                problems.append(f"{name} key {key!r}: must be a non-empty module name or regex string.")
                 continue
-            if not isinstance(pattern, dict):
-                problems.append(
-                    f"{name}={pattern!r}: must be a dict of module name or regex -> value, "
-                    f'e.g. {name}={{"v_proj": 4}}.'
-                )
+            try:
+                re.compile(key)
+            except re.error as err:
+                problems.append(f"{name} key {key!r}: not a valid regular expression ({err}).")
                 continue
-            for key, value in pattern.items():
-                if not isinstance(key, str) or not key:
-                    problems.append(f"{name} key {key!r}: must be a non-empty module name or regex string.")
-                    continue
-                try:
-                    re.compile(key)
-                except re.error as err:
-                    problems.append(f"{name} key {key!r}: not a valid regular expression ({err}).")
-                    continue
-                if name == "alpha_pattern":
-                    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-                    ok = ok and math.isfinite(value) and value > 0
-                else:
-                    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
-                if not ok:
-                    problems.append(f"{name}[{key!r}]={value!r}: must be {what}.")
-        return problems
+            if name == "alpha_pattern":
+                ok = _is_real(value) and math.isfinite(value) and value > 0
+            else:
+                ok = _is_int(value) and value >= 1
+            if not ok:
+                problems.append(f"{name}[{key!r}]={value!r}: must be {what}.")
+    return problems
+
+
+def _is_token_indices(value: object) -> bool:
+    """None, a list of token ids, or a {module name: [token ids]} mapping (PEFT's trainable_token_indices)."""
+    if value is None:
+        return True
+    if isinstance(value, dict):
+        return all(
+            isinstance(k, str) and isinstance(v, list) and all(map(_is_int, v)) for k, v in value.items()
+        )
+    return isinstance(value, list) and all(map(_is_int, value))

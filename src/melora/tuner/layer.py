@@ -19,8 +19,9 @@ from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend, Quanti
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from melora.args import UserError
+from melora.errors import UserError
 from melora.functional import init_melora_factors, melora_delta_weight, melora_forward
+from melora.tuner.config import MELoRAConfig
 
 BASE_ADAPTER_NAME = "__base__"
 
@@ -71,10 +72,50 @@ def _features(base_layer: nn.Module, module_name: str) -> tuple[int, int]:
     backend = quantization_backend(base_layer)
     if backend is not None and backend.layer_type == "linear" and hasattr(base_layer, "in_features"):
         return base_layer.in_features, base_layer.out_features  # e.g. HQQLinear
-    raise TypeError(
+    raise unsupported_module_error(module_name, base_layer)
+
+
+def unsupported_module_error(module_name: str, base_layer: nn.Module) -> TypeError:
+    """The error for a targeted module that MELoRA cannot wrap, naming it, its type and the fix."""
+    return TypeError(
         f"MELoRA cannot adapt {module_name or 'this module'} of type {type(base_layer).__name__}: only "
         "torch.nn.Linear, transformers' Conv1D and their quantized versions (bitsandbytes, torchao, HQQ) are "
         "supported. Remove it from target_modules."
+    )
+
+
+def check_n_divides(
+    module_name: str,
+    n: int,
+    in_features: int,
+    out_features: int,
+    peers: list[tuple[int, int]] | None = None,
+    pattern_key: str | None = None,
+) -> None:
+    """Raise if ``n`` does not divide ``in_features`` and ``out_features``, suggesting an n that fits.
+
+    ``peers``: (in_features, out_features) of every targeted module taking its n from the same place (the
+    n_pattern key ``pattern_key``, or the default n when it is None); the suggested n divides them all. Without
+    peers (a layer built on its own) the suggestion divides this module's features.
+    """
+    if not in_features % n and not out_features % n:
+        return
+    what, size = ("in_features", in_features) if in_features % n else ("out_features", out_features)
+    common = math.gcd(*(d for dims in (peers or [(in_features, out_features)]) for d in dims))
+    choices = ", ".join(str(d) for d in range(1, min(common, 64) + 1) if not common % d)
+    own = math.gcd(in_features, out_features)
+    fitting = max(d for d in range(1, min(own, n) + 1) if not own % d)
+    short = module_name.rsplit(".", 1)[-1]
+    if peers is None:
+        use = f"use n in {{{choices}}} (divisors of its in_features and out_features)"
+    elif pattern_key is None:
+        use = f"use n in {{{choices}}} (divisors common to all targeted modules)"
+    else:
+        use = f'use n_pattern["{pattern_key}"] in {{{choices}}} (divisors common to the modules that key matches)'
+    raise ValueError(
+        f"n={n} does not divide {what}={size} of {module_name} (in_features={in_features}, "
+        f'out_features={out_features}); {use} or n_pattern={{"{short}": {fitting}}}, '
+        "or exclude this module (exclude_modules / target_modules)."
     )
 
 
@@ -147,18 +188,10 @@ class MELoRALayer(BaseTunerLayer):
     ) -> None:
         """Create (or replace) adapter ``adapter_name`` on this layer."""
         name = self.module_name or type(self.get_base_layer()).__name__
-        for what, value in (("r", r), ("n", n)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"{what}={value!r} for {name}: expected an integer >= 1.")
-        for what, size in (("in_features", self.in_features), ("out_features", self.out_features)):
-            if size % n:
-                common = math.gcd(self.in_features, self.out_features)
-                divisors = [d for d in range(1, min(common, 64) + 1) if common % d == 0]
-                raise ValueError(
-                    f"n={n} does not divide {what}={size} of {name} (in_features={self.in_features}, "
-                    f"out_features={self.out_features}). Choose n among the common divisors "
-                    f"{divisors}, or exclude this module (exclude_modules / target_modules)."
-                )
+        problems = MELoRAConfig.hyperparameter_problems(r=r, n=n, alpha=alpha, dropout=dropout)
+        if problems:
+            raise UserError(f"Invalid MELoRA layer {name}: " + " ".join(problems))
+        check_n_divides(name, n, self.in_features, self.out_features)  # a layer built without MELoRAModel
         check_rank_fits(name, r, n, self.in_features, self.out_features)  # before any allocation
         self.r[adapter_name] = r
         self.n[adapter_name] = n

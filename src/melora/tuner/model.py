@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -15,7 +14,15 @@ from peft.utils.other import AuxiliaryTrainingWrapper, get_pattern_key
 from transformers.pytorch_utils import Conv1D
 
 from melora.tuner.config import MELoRAConfig
-from melora.tuner.layer import BASE_ADAPTER_NAME, Linear, MELoRALayer, _features, quantization_backend
+from melora.tuner.layer import (
+    BASE_ADAPTER_NAME,
+    Linear,
+    MELoRALayer,
+    _features,
+    check_n_divides,
+    quantization_backend,
+    unsupported_module_error,
+)
 
 # Same defaults as PEFT's LoRA: BERT/RoBERTa query,value; Llama/Mistral/Qwen/Gemma q_proj,v_proj; GPT-2 c_attn.
 TRANSFORMERS_MODELS_TO_MELORA_TARGET_MODULES_MAPPING = dict(
@@ -108,7 +115,6 @@ class MELoRAModel(BaseTuner):
             return  # _create_new_module raises the type error
         if not in_features % n and not out_features % n:
             return
-        what, size = ("in_features", in_features) if in_features % n else ("out_features", out_features)
         # the modules that take their n from the same place (the same n_pattern key, or the default n)
         source = config.pattern_key("n_pattern", key)
         peers = [
@@ -116,23 +122,7 @@ class MELoRAModel(BaseTuner):
             for name, dims in self._targeted_features(config).items()
             if config.pattern_key("n_pattern", name) == source
         ] or [(in_features, out_features)]
-        common = math.gcd(*(d for dims in peers for d in dims))
-        choices = [d for d in range(1, min(common, 64) + 1) if not common % d]
-        own = math.gcd(in_features, out_features)
-        fitting = max(d for d in range(1, min(own, n) + 1) if not own % d)
-        short = key.rsplit(".", 1)[-1]
-        if source is None:
-            use = f"use n in {{{', '.join(map(str, choices))}}} (divisors common to all targeted modules)"
-        else:
-            use = (
-                f'use n_pattern["{source}"] in {{{", ".join(map(str, choices))}}} (divisors common to the '
-                "modules that key matches)"
-            )
-        raise ValueError(
-            f"n={n} does not divide {what}={size} of {key} (in_features={in_features}, "
-            f'out_features={out_features}); {use} or n_pattern={{"{short}": {fitting}}}, '
-            "or exclude this module (exclude_modules / target_modules)."
-        )
+        check_n_divides(key, n, in_features, out_features, peers=peers, pattern_key=source)
 
     def inject_adapter(self, model: torch.nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         from melora.tuner.layer import keep_bnb_4bit_layout
@@ -182,11 +172,7 @@ class MELoRAModel(BaseTuner):
                 warnings.warn(f"{module_name} is Conv1D: setting fan_in_fan_out=True.", stacklevel=2)
                 config.fan_in_fan_out = True
         else:
-            raise TypeError(
-                f"MELoRA cannot adapt {module_name} of type {type(base).__name__}: only torch.nn.Linear, "
-                "transformers' Conv1D and their quantized versions (bitsandbytes, torchao, HQQ) are supported. "
-                "Remove it from target_modules."
-            )
+            raise unsupported_module_error(module_name, base)
         return Linear(
             target, adapter_name, module_name=module_name, fan_in_fan_out=config.fan_in_fan_out, **kwargs
         )
