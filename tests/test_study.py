@@ -243,6 +243,26 @@ def start_study(tmp_path, data: dict):
     return command, env, process
 
 
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"{os.getpid()} otherhost".encode())
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """Another live process holding ``folder``'s run lock as a study process does (an flock on .running)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(folder / ".running")], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def fake_checkpoint(folder: Path, step: int, whole: bool = True) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
@@ -289,9 +309,8 @@ def test_plan_shows_how_far_a_run_of_another_study_process_has_got(tmp_path):
     (second.folder / "run.log").write_text(
         "{'loss': '0.7', 'epoch': '0.5'}\n{'loss': '0.6', 'epoch': '1.25'}\n"
     )
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    other = hold_lock(second.folder)
     try:
-        (second.folder / ".running").write_text(str(other.pid))
         lines = describe_plan(spec, plan_study(spec)).splitlines()
     finally:
         other.kill()
@@ -314,12 +333,12 @@ def test_a_run_killed_after_an_epoch_continues_from_its_checkpoint(tmp_path):
     command, env, first = start_study(tmp_path, data)
     run = Path(data["output_dir"]) / "rte" / "lora-r8" / "lr0.001" / "seed0"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run.glob("checkpoint-*/trainer_state.json")):
+    while time.time() < deadline and not list(run.glob("**/checkpoint-*/trainer_state.json")):
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (run / "results.json").exists(), "the run finished before the kill: make its epochs longer"
-    saved = sorted(run.glob("checkpoint-*/trainer_state.json"))
+    saved = sorted(run.glob("**/checkpoint-*/trainer_state.json"))
     assert saved
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -328,7 +347,7 @@ def test_a_run_killed_after_an_epoch_continues_from_its_checkpoint(tmp_path):
     assert Path(results["resumed_from"]).name in {p.parent.name for p in saved}
     assert [e["epoch"] for e in results["epochs"]] == [1.0, 2.0, 3.0]  # epoch 1 from before the kill
     assert "# resuming from" in (run / "run.log").read_text()
-    assert not list(run.glob("checkpoint-*")), "a finished run keeps no checkpoints"
+    assert not list(run.glob("**/checkpoint-*")), "a finished run keeps no checkpoints"
 
 
 @pytest.mark.slow
@@ -409,8 +428,8 @@ def test_only_runs_the_matching_runs_and_the_extensions_they_make_due(tmp_path, 
         return 0
 
     monkeypatch.setattr(command, "execute", fake_execute)
-    plan, failed = command.run_study(spec, progress=False, only=["rte/lora-r8/*"])
-    assert failed == []
+    plan, failed, left = command.run_study(spec, progress=False, only=["rte/lora-r8/*"])
+    assert failed == [] and left == {}
     assert all(name.startswith("rte/lora-r8/") for name in executed)
     lrs = sorted({float(name.split("/")[2][2:]) for name in executed})
     assert lrs == [1.11e-4, 3.33e-4, 1e-3, 3e-3]  # the grid plus two extensions (extend: 2, 3 digits)
@@ -497,9 +516,12 @@ def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_th
     assert argv[argv.index("--label") + 1] == "base (untuned)"
     assert command_for(spec, evaluation)[3:5] == ["--adapter", str(evaluation.folder.parent)]
     assert base.folder == spec.root / "instruct" / "base" / "eval"
-    base.folder.mkdir(parents=True)
-    (base.folder / ".running").write_text(str(os.getppid()))  # a live process other than this one
-    states = [line.split() for line in describe_plan(spec, plan_study(spec)).splitlines()]
+    other = hold_lock(base.folder)  # another study process evaluating the untuned model
+    try:
+        states = [line.split() for line in describe_plan(spec, plan_study(spec)).splitlines()]
+    finally:
+        other.kill()
+        other.wait()
     assert ["running", base.name] in states
     (base.folder / ".running").unlink()
     for job in plan_study(spec).pending(is_done):

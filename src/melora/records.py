@@ -88,12 +88,48 @@ class RunRecord:
         path = Path(path)
         if path.is_dir():
             path = path / RESULTS_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}).") from err
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_results(path), str(path))
 
     def defining_config(self) -> dict[str, Any]:
         """The options that change what the run computes (for refusing to average unlike runs)."""
         return {k: v for k, v in sorted(self.config.items()) if k not in NON_DEFINING}
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object of one results.json; a damaged file is a :class:`~melora.args.UserError` naming it.
+
+    Runners write results.json atomically (a reader never sees half a file), so a file that is not
+    UTF-8 JSON holding an object was damaged by something else (a copy cut short, an editor, a merge
+    conflict): the error says to delete it, which makes ``melora study`` run that run again. A missing
+    file is a FileNotFoundError.
+    """
+    from melora.args import UserError
+
+    path = Path(path)
+    fix = "it is damaged: delete it (or restore it from git) and rerun"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist.") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a folder, not a results.json file.") from None
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror or err}).") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start}); {fix}.") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        what = (
+            "is empty"
+            if not text.strip()
+            else f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+        )
+        raise UserError(f"{path} {what}; {fix}.") from None
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{path} holds a JSON {type(data).__name__}, not the object a melora results.json is; {fix}."
+        )
+    return data

@@ -6,11 +6,27 @@ A run's results.json is written atomically at its end, so a study killed at any 
 running the same command again: finished runs are skipped, and an unfinished one continues from its
 last complete epoch checkpoint (``save_strategy: epoch`` unless the study sets another; resumed only
 when its ``run.yaml`` still matches the study, otherwise it starts over). A run's checkpoints are
-deleted once it has finished. A run being executed by another live study process
-(``<run>/.running`` holds its pid) is left alone. A finished run whose evaluation is still due but
-whose adapter is gone (a fresh clone: git keeps results.json, not adapters) is trained again first.
+deleted once it has finished. A finished run whose evaluation is still due but whose adapter is gone
+(a fresh clone: git keeps results.json, not adapters) is trained again first.
 After the last run (and with ``--report-only`` at any time) the report, its JSON and figures are
 written to ``<root>/report.md``, ``<root>/summary.json`` and ``<root>/figures/``.
+
+Several study processes may run the same study at once (on one machine or sharing the folder): each
+run is taken by one of them. A run's lock is an flock on ``<run>/.running`` (which names the holder's
+pid and host, shown by ``--plan``), taken before anything in the run folder is touched and held for
+the run's whole life, by the study process and by the run's own process; the kernel releases it when
+they die, so a ``.running`` file nobody holds (a killed study, or an older melora's plain pid file)
+is stale and ignored. A run that another process holds is left to it; a finished run's folder is
+never deleted (checked again under the lock).
+
+Each run starts in its own process group and dies with the study. SIGINT (Ctrl-C) or SIGTERM to the
+study stops its runs (SIGTERM to each run's process group, SIGKILL after 10 s), releases their
+locks and exits with one line; running the same command again resumes them.
+
+Exit status: 0 every selected run is done; 1 a run failed (its ``run.log`` says why); 2 a mistake in
+the study file or the flags (one line naming the file and key); 3 no run failed, but runs are left
+to another live process that holds them (or wait for runs it holds): rerun when it has finished;
+130 / 143 interrupted by SIGINT / SIGTERM.
 
     melora study configs/studies/glue_minilm.yaml            # run / resume, then report
     melora study configs/studies/glue_minilm.yaml --plan     # list the runs and their state
@@ -24,14 +40,18 @@ import argparse
 import logging
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from melora.records import NON_DEFINING
+from melora.args import UserError
+from melora.records import NON_DEFINING, RESULTS_FILE
 from melora.study.plan import Job, Plan, is_done, plan_study
 from melora.study.spec import StudySpec, load_study
 
@@ -40,6 +60,12 @@ logger = logging.getLogger(__name__)
 RUN_PRESET = "run.yaml"
 RUN_LOG = "run.log"
 LOCK = ".running"
+GRACE_S = 10.0  # seconds a stopped run has to exit after SIGTERM before its process group gets SIGKILL
+EXIT_FAILED = 1
+EXIT_LEFT = 3  # runs left to another process
+CHILD_OF = (
+    "--child-of"  # ``python -m melora.study.command --child-of PID ARGV``: a run that dies with the study
+)
 
 
 def run_options(spec: StudySpec, job: Job) -> dict[str, Any]:
@@ -150,53 +176,246 @@ def command_for(spec: StudySpec, job: Job) -> list[str]:
     return argv + list(ev.extra)
 
 
-def _alive(pid: int) -> bool:
+# ---- run locks -----------------------------------------------------------------------------------------
+
+_held: dict[Path, int] = {}  # run folder -> descriptor of the lock this process holds on it
+_held_guard = threading.Lock()
+
+
+def take_lock(folder: Path) -> int | None:
+    """Take ``folder``'s run lock (an exclusive flock on ``folder/.running``); None when another process holds it.
+
+    The lock file is created if needed and is never replaced while held, so the flock is the only
+    truth: whoever holds it owns the run. A holder releases by removing the file, then closing it;
+    an opener that locked a file removed meanwhile tries again on the new one. The file then names the
+    holder (``pid host``) for ``--plan``.
+    """
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    for attempt in range(100):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if attempt < 5:  # a probe (``--plan``, another study's planning) holds it for a moment
+                time.sleep(0.02)
+                continue
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)  # its holder released (removed) it between our open and flock: take the new one
+    else:
+        return None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    with _held_guard:
+        _held[folder] = fd
+    return fd
+
+
+def release_lock(folder: Path, fd: int) -> None:
+    """Give back a lock from :func:`take_lock`: remove ``.running`` (if still ours), then close it."""
+    with _held_guard:
+        _held.pop(folder, None)
+    path = folder / LOCK
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        if os.path.samestat(os.fstat(fd), os.stat(path)):
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def lock_holder(folder: Path) -> str | None:
+    """``"pid host"`` of the other live process holding ``folder``'s run lock, else None.
+
+    A ``.running`` file that no process holds (its study was killed; or an older melora wrote a plain
+    pid file, whatever that pid is now) is stale: None."""
+    import fcntl
+
+    with _held_guard:
+        if folder in _held:
+            return None
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for attempt in range(3):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                if attempt < 2:  # a study taking it to find it busy holds it for a moment
+                    time.sleep(0.01)
+        text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").split()
+        return " on ".join(text[:2]) if text else "another process"
+    finally:
+        os.close(fd)
 
 
 def running_elsewhere(job: Job) -> bool:
-    lock = job.folder / LOCK
-    try:
-        pid = int(lock.read_text().strip())
-    except (OSError, ValueError):
-        return False
-    return pid != os.getpid() and _alive(pid)
+    """Whether another live process holds ``job``'s run lock."""
+    return lock_holder(job.folder) is not None
 
 
-def execute(spec: StudySpec, job: Job) -> int:
-    """Run one job to completion in a subprocess; returns its exit status."""
-    checkpoint = resumable(spec, job) if job.folder.exists() else None
-    if job.folder.exists() and checkpoint is None:
-        shutil.rmtree(job.folder)  # an unfinished earlier attempt that cannot continue: start over
-    job.folder.mkdir(parents=True, exist_ok=True)
-    argv = command_for(spec, job)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(spec.threads_per_worker),
-        "MKL_NUM_THREADS": str(spec.threads_per_worker),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    (job.folder / LOCK).write_text(str(os.getpid()))
+def clear_folder(folder: Path) -> None:
+    """Start a run over: delete what an earlier attempt left, except the lock (held by the caller).
+
+    A subfolder that holds a results.json (a finished evaluation of the run) or whose own lock another
+    process holds is kept."""
+    for path in folder.iterdir():
+        if path.name == LOCK:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            if (path / RESULTS_FILE).exists() or lock_holder(path) is not None:
+                continue
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+# ---- the runs' processes ------------------------------------------------------------------------------
+
+_children: dict[int, subprocess.Popen] = {}  # pid -> a run's process, while it runs
+_children_guard = threading.Lock()
+_stopping = threading.Event()  # set on SIGINT/SIGTERM (or an error): start no more runs
+_hurry = threading.Event()  # a second signal: do not wait the grace period
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the study; ``stopped`` names the runs it stopped."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.stopped: list[str] = []
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _stopping.is_set():  # already stopping: a second Ctrl-C kills the runs now
+        _hurry.set()
+        return
+    _stopping.set()
+    raise Interrupted(signum)
+
+
+def _killpg(pid: int, sig: int) -> None:
     try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_group(proc: subprocess.Popen) -> int:
+    """Wait for a run's process; then kill what is left of its process group (workers it started)."""
+    try:  # exited but not reaped yet, so its group id cannot be reused before the kill below
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    except (AttributeError, ChildProcessError):
+        pass
+    _killpg(proc.pid, signal.SIGKILL)
+    return proc.wait()
+
+
+def _stop_children(futures: list[Future]) -> None:
+    """SIGTERM every run's process group, wait up to GRACE_S for them, SIGKILL the rest; wait for the threads."""
+    with _children_guard:
+        _stopping.set()
+        procs = list(_children.values())
+    for proc in procs:
+        _killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_S
+    while (
+        futures and not all(f.done() for f in futures) and time.monotonic() < deadline and not _hurry.is_set()
+    ):
+        wait(futures, timeout=0.1)
+    with _children_guard:
+        procs = list(_children.values())
+    for proc in procs:
+        _killpg(proc.pid, signal.SIGKILL)
+    wait(futures)
+
+
+def execute(spec: StudySpec, job: Job) -> int | None:
+    """Run one job to completion in a subprocess; returns its exit status.
+
+    None when the job is not this process's to run: another process holds its lock, or the study is
+    stopping. The lock is taken before the run folder is touched and held until the run's process
+    (and its process group) is gone; a run that finished meanwhile (another process ran it) is left
+    as it is (0)."""
+    fd = take_lock(job.folder)
+    if fd is None:
+        return None
+    try:
+        if is_done(job):  # finished since it was planned: never start it over
+            return 0
+        checkpoint = resumable(spec, job)
+        if checkpoint is None:
+            clear_folder(job.folder)  # an unfinished earlier attempt that cannot continue: start over
+        argv = command_for(spec, job)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(spec.threads_per_worker),
+            "MKL_NUM_THREADS": str(spec.threads_per_worker),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         with open(job.folder / RUN_LOG, "a" if checkpoint else "w", encoding="utf-8") as log:
             if checkpoint:
                 log.write(f"# resuming from {checkpoint}\n")
             log.write("+ melora " + " ".join(argv) + "\n")
             log.flush()
-            proc = subprocess.run(
-                [sys.executable, "-m", "melora.cli", *argv], stdout=log, stderr=subprocess.STDOUT, env=env
-            )
-        if proc.returncode == 0 and is_done(job):
+            command = [sys.executable, "-m", "melora.study.command", CHILD_OF, str(os.getpid()), *argv]
+            with _children_guard:
+                if _stopping.is_set():
+                    return None
+                # its own process group (Ctrl-C reaches the study, which stops it); it inherits the
+                # lock, so the run stays locked while its process lives, whatever happens to the study
+                proc = subprocess.Popen(
+                    command,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                    pass_fds=(fd,),
+                )
+                _children[proc.pid] = proc
+            try:
+                code = _wait_group(proc)
+            finally:
+                with _children_guard:
+                    _children.pop(proc.pid, None)
+        if code == 0 and is_done(job):
             drop_checkpoints(job)
-        return proc.returncode
+        return code
     finally:
-        (job.folder / LOCK).unlink(missing_ok=True)
+        release_lock(job.folder, fd)
+
+
+def _child_main(argv: list[str]) -> int:
+    """A run started by :func:`execute`: die with the study process (Linux), then ``melora ARGV``."""
+    parent = int(argv[1])
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the study died before the line above
+        return 1
+    from melora.cli import main as melora
+
+    sys.argv = ["melora", *argv[2:]]
+    return melora(argv[2:])
 
 
 def retrain_lost_adapters(plan: Plan, only: list[str] | None = None) -> list[str]:
@@ -209,14 +428,24 @@ def retrain_lost_adapters(plan: Plan, only: list[str] | None = None) -> list[str
         train = job.folder.parent
         if job.kind != "eval" or not selected(job, only) or not (train / "results.json").is_file():
             continue
-        if not any((train / name).exists() for name in ("adapter", "model")):
-            logger.warning(
-                "%s: its run has results.json but no adapter/ or model/ to evaluate (not kept in git): "
-                "retraining the run first",
-                job.name,
-            )
-            (train / "results.json").unlink()
-            sent_back.append(job.name.removesuffix("/eval"))
+        if any((train / name).exists() for name in ("adapter", "model")):
+            continue
+        fd = take_lock(train)
+        if fd is None:  # another process is training it again already
+            continue
+        try:
+            if (train / "results.json").is_file() and not any(
+                (train / n).exists() for n in ("adapter", "model")
+            ):
+                logger.warning(
+                    "%s: its run has results.json but no adapter/ or model/ to evaluate (not kept in git): "
+                    "retraining the run first",
+                    job.name,
+                )
+                (train / "results.json").unlink()
+                sent_back.append(job.name.removesuffix("/eval"))
+        finally:
+            release_lock(train, fd)
     return sent_back
 
 
@@ -236,8 +465,6 @@ def selected(job: Job, only: list[str] | None) -> bool:
 
 def check_only(spec: StudySpec, plan: Plan, only: list[str] | None) -> None:
     """Every ``--only`` pattern must name at least one run of the plan (a typo runs nothing)."""
-    from melora.args import UserError
-
     for pattern in only or []:
         if not any(selected(job, [pattern]) for job in plan.jobs):
             raise UserError(
@@ -248,15 +475,21 @@ def check_only(spec: StudySpec, plan: Plan, only: list[str] | None) -> None:
 
 def run_study(
     spec: StudySpec, progress: bool = True, only: list[str] | None = None
-) -> tuple[Plan, list[str]]:
-    """Run every missing job of ``spec`` (re-planning as runs finish); returns the final plan and failures.
+) -> tuple[Plan, list[str], dict[str, str]]:
+    """Run every missing job of ``spec`` (re-planning as runs finish).
 
+    Returns the final plan, the failed runs, and the selected runs left undone because another live
+    process holds them (name -> ``"pid on host"``) or waits for such a run (name -> ``"waits for ..."``).
     With ``only`` (glob patterns on run names), just the matching runs, in plan order: a grid
-    extension or a seed that becomes due while they run is run too when it matches.
+    extension or a seed that becomes due while they run is run too when it matches. On SIGINT/SIGTERM
+    (with :func:`main`'s handlers) or an error, the running runs are stopped before it raises.
     """
     from tqdm.auto import tqdm
 
+    _stopping.clear()
+    _hurry.clear()
     failed: set[str] = set()
+    elsewhere: dict[str, str] = {}  # runs another process held -> its "pid on host"
     running: dict[Future, Job] = {}
     plan = plan_study(spec)
     check_only(spec, plan, only)
@@ -266,20 +499,22 @@ def run_study(
     bar = tqdm(
         total=len(plan.jobs), initial=done, desc=f"study {spec.name}", unit="run", disable=not progress
     )
-    with ThreadPoolExecutor(max_workers=spec.workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=spec.workers)
+    completed = False
+    try:
         while True:
             plan = plan_study(spec, frozenset(failed))
             bar.total = len(plan.jobs)
             active = {j.name for j in running.values()}
-            todo = [
-                j
-                for j in plan.pending(is_done)
-                if j.name not in active
-                and j.name not in failed
-                and selected(j, only)
-                and _ready(j)
-                and not running_elsewhere(j)
-            ]
+            todo = []
+            for job in plan.pending(is_done):
+                if job.name in active or job.name in failed or not selected(job, only) or not _ready(job):
+                    continue
+                holder = lock_holder(job.folder)  # asked again each time: its holder may have died
+                if holder is not None:
+                    elsewhere[job.name] = holder
+                    continue
+                todo.append(job)
             for job in todo[: spec.workers - len(running)]:
                 logger.info("start %s", job.name)
                 running[pool.submit(execute, spec, job)] = job
@@ -291,12 +526,35 @@ def run_study(
             for future in finished:
                 job = running.pop(future)
                 code = future.result()
+                if code is None:  # another process took it first: leave it to that one
+                    elsewhere[job.name] = lock_holder(job.folder) or "another process"
+                    continue
                 if code != 0 or not is_done(job):
                     failed.add(job.name)
                     logger.error("%s failed (exit %s); see %s", job.name, code, job.folder / RUN_LOG)
                 bar.update(1)
-    bar.close()
-    return plan_study(spec, frozenset(failed)), sorted(failed)
+        completed = True
+    except Interrupted as stop:
+        stop.stopped = sorted(job.name for job in running.values())
+        raise
+    finally:
+        if not completed:  # interrupted, or an error: stop the runs before leaving
+            _stop_children(list(running))
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+    plan = plan_study(spec, frozenset(failed))
+    left = {}
+    for job in plan.pending(is_done):
+        if job.name in failed or not selected(job, only):
+            continue
+        holder = lock_holder(job.folder)
+        if holder is not None:
+            left[job.name] = holder
+        elif job.kind == "eval" and job.name.removesuffix("/eval") in left:
+            left[job.name] = f"waits for {job.name.removesuffix('/eval')}"
+        elif job.name in elsewhere:  # finished by now, or the other process stopped: run it next time
+            left[job.name] = f"was held by {elsewhere[job.name]}"
+    return plan, sorted(failed), left
 
 
 def write_report(spec: StudySpec, plan: Plan) -> Path:
@@ -350,28 +608,68 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """``melora study``; the exit status is documented in the module docstring."""
+    _stopping.clear()
+    handlers = _install_signal_handlers()
+    try:
+        return _main(args)
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
+        runs = f": {', '.join(stop.stopped)}" if stop.stopped else ""
+        print(
+            f"melora study: interrupted by {name}; {len(stop.stopped)} run(s) stopped{runs}; "
+            "rerun the same command to resume them",
+            file=sys.stderr,
+        )
+        return 128 + stop.signum
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _main(args: argparse.Namespace) -> int:
     spec = load_study(args.study)
-    if args.workers:
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UserError(f"--workers {args.workers}: expected an integer >= 1.")
         spec.workers = args.workers
-    if args.threads_per_worker:
+    if args.threads_per_worker is not None:
+        if args.threads_per_worker < 1:
+            raise UserError(f"--threads-per-worker {args.threads_per_worker}: expected an integer >= 1.")
         spec.threads_per_worker = args.threads_per_worker
     if args.plan:
         print(describe_plan(spec, plan_study(spec)))
         return 0
     failed: list[str] = []
+    left: dict[str, str] = {}
     start = time.time()
     if args.report_only:
         plan = plan_study(spec)
     else:
-        plan, failed = run_study(spec, progress=not args.no_progress, only=args.only)
+        plan, failed, left = run_study(spec, progress=not args.no_progress, only=args.only)
     report = write_report(spec, plan)
     print(f"report: {report} ({time.time() - start:.0f} s)")
+    status = 0
+    if left:
+        print(
+            f"{len(left)} run(s) left to another process: "
+            + ", ".join(f"{name} ({holder})" for name, holder in left.items())
+            + "; rerun this command when it has finished"
+        )
+        status = EXIT_LEFT
     if failed:
         print(
             f"{len(failed)} run(s) failed: {', '.join(failed)}; their logs are {RUN_LOG} in each run folder"
         )
-        return 1
-    return 0
+        status = EXIT_FAILED
+    return status
+
+
+def _install_signal_handlers() -> dict[int, Any]:
+    """SIGINT and SIGTERM stop the study's runs (see :func:`run_study`); returns the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, _on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -396,3 +694,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.set_defaults(func=main)
     return parser
+
+
+if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == CHILD_OF:
+    sys.exit(_child_main(sys.argv[1:]))

@@ -19,13 +19,13 @@ the untuned model's evaluation in ``<root>/<task>/base/eval/results.json``.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melora.records import RESULTS_FILE
+from melora.args import UserError
+from melora.records import RESULTS_FILE, read_results
 from melora.study.spec import MethodEntry, StudySpec
 
 
@@ -89,21 +89,40 @@ def run_folder(spec: StudySpec, task: str, entry: MethodEntry, lr: float, seed: 
 
 
 def read_metric(path: Path, metric: str) -> float | None:
-    """``summary[metric]`` of a finished results.json, or None when absent or unfinished."""
+    """``summary[metric]`` of a finished results.json, or None when absent or unfinished.
+
+    A damaged results.json (not UTF-8 JSON holding an object, or a non-number metric) is a UserError
+    naming the file: the study stops there instead of guessing whether that run finished."""
     if not path.is_file():
         return None
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_results(path)
     if data.get("kind") == "eval" and not data.get("complete", True):
         return None
-    value = data.get("summary", {}).get(metric)
-    return None if value is None else float(value)
+    summary = data.get("summary", {})
+    if not isinstance(summary, dict):
+        raise UserError(
+            f"{path}: summary is a {type(summary).__name__}, not a mapping; it is damaged: delete it and rerun."
+        )
+    value = summary.get(metric)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{path}: summary[{metric!r}] = {value!r} is not a number; it is damaged: delete it and rerun."
+        ) from None
 
 
 def is_done(job: Job) -> bool:
+    """Whether ``job`` has a finished results.json (an evaluation's also says ``complete``).
+
+    The file is read, so a damaged one stops the study with a UserError naming it (see read_results)."""
     if not job.results.is_file():
         return False
+    data = read_results(job.results)
     if job.kind in ("eval", "base"):
-        return bool(json.loads(job.results.read_text(encoding="utf-8")).get("complete", True))
+        return bool(data.get("complete", True))
     return True
 
 

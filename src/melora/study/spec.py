@@ -1,7 +1,8 @@
 """A study file: tasks x methods x seeds x learning-rate grid x budget, as one typed object.
 
     # melora study configs/studies/example.yaml
-    name: example                 # results go to results/<name>/ unless output_dir says otherwise
+    name: example                 # results go to results/<name>/ (one folder name: no '/', no '..')
+    output_dir: results/example_2 # optional: a folder inside results/, or an absolute path
     runner: glue                  # glue or instruct
     workers: 2                    # runs in parallel (processes)
     threads_per_worker: 1         # torch threads of each
@@ -22,11 +23,17 @@
                                   # base: the untuned model is evaluated too (<root>/instruct/base/eval)
 
 Instruct studies use the task name ``instruct`` (one task; its budget under ``tasks: {instruct: {...}}``).
+Every value is checked where it is read (``workers: "two"``, ``seeds: [1.7]``, ``seeds: []``, ``tune: 3``,
+``lr_grid: {lora: .inf}``, a list where a mapping belongs, ...): one UserError naming the file and the key.
+Relative paths (``results/<name>``, a relative ``output_dir``) are relative to the folder the command
+runs in (the repository root).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,25 +149,236 @@ class StudySpec:
 
 _TOP_KEYS = {f.name for f in dataclasses.fields(StudySpec)} - {"source"}
 _METHOD_KEYS = {"seeds", "tasks", "lr"}
+_TUNE_KEYS = [f.name for f in dataclasses.fields(Tune)]
+_EVAL_KEYS = [f.name for f in dataclasses.fields(EvalSpec)]
+RESULTS = "results"  # every study's results stay under this folder (unless output_dir is absolute)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: Any, where: str, low: int) -> int:
+    """An integer >= ``low`` (not a bool, not 1.7, not "two")."""
+    if not _is_int(value) or value < low:
+        raise UserError(f"{where}: expected an integer >= {low}, got {value!r}.")
+    return value
+
+
+def _mapping(value: Any, where: str, example: str, allow_none: bool = True) -> dict[str, Any]:
+    """A YAML mapping with text keys (null is an empty one where allowed)."""
+    if value is None and allow_none:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{where}: expected a mapping like {example}, got {value!r} ({type(value).__name__})."
+        )
+    for key in value:
+        if not isinstance(key, str):
+            raise UserError(f"{where}: key {key!r} is not text; quote it.")
+    return dict(value)
+
+
+def _strings(value: Any, where: str, example: str) -> list[str]:
+    """A non-empty list of text items."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise UserError(f"{where}: expected a non-empty list of names like {example}, got {value!r}.")
+    return list(value)
+
+
+def _seeds(value: Any, where: str) -> list[int]:
+    """A non-empty list of distinct integer seeds >= 0."""
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: expected a non-empty list of integer seeds like [0, 1, 2], got {value!r}.")
+    for item in value:
+        if not _is_int(item) or item < 0:
+            raise UserError(f"{where}: seed {item!r} is not an integer >= 0; write seeds like [0, 1, 2].")
+    if len(set(value)) != len(value):
+        raise UserError(f"{where}: {value!r} repeats a seed; list each seed once.")
+    return list(value)
 
 
 def _positive_floats(value: Any, where: str) -> list[float]:
     if not isinstance(value, (list, tuple)) or not value:
-        raise UserError(f"{where}: expected a non-empty list of learning rates, got {value!r}.")
+        raise UserError(
+            f"{where}: expected a non-empty list of learning rates like [1.0e-3, 3.0e-3], got {value!r}."
+        )
     out = []
     for item in value:
-        try:
+        number = None
+        if _is_number(item):
             number = float(item)
-        except (TypeError, ValueError):
-            raise UserError(f"{where}: {item!r} is not a number.") from None
+        elif isinstance(item, str):  # YAML reads 1e-3 (no dot) as text
+            try:
+                number = float(item)
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):
+            raise UserError(f"{where}: {item!r} is not a number.")
         if not number > 0:
             raise UserError(f"{where}: learning rates must be > 0, got {item!r}.")
         out.append(number)
     return out
 
 
+def _study_name(value: Any, source: str) -> str:
+    """A single folder name: results go to ``results/<name>/``, never outside ``results/``."""
+    if _is_int(value):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(
+            f"{source}: name must be a non-empty text (the folder results/<name>/), got {value!r}."
+        )
+    if "/" in value or "\\" in value or "\0" in value or value in (".", "..") or os.path.isabs(value):
+        raise UserError(
+            f"{source}: name {value!r} must be one folder name (no '/', '\\', '..'): results go to "
+            f"{RESULTS}/<name>/; to write elsewhere set output_dir to an absolute path."
+        )
+    return value
+
+
+def _output_dir(value: Any, source: str) -> str | None:
+    """None, an absolute folder, or a relative one that stays inside ``results/``."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{source}: output_dir must be a folder path, got {value!r}.")
+    if os.path.isabs(os.path.expanduser(value)):
+        return os.path.expanduser(value)
+    parts = Path(os.path.normpath(value)).parts
+    if len(parts) < 2 or parts[0] != RESULTS or ".." in Path(value).parts:
+        raise UserError(
+            f"{source}: output_dir {value!r} leaves {RESULTS}/: a relative output_dir must be a folder "
+            f"inside {RESULTS}/ (e.g. {RESULTS}/my_study, no '..'), or give an absolute path."
+        )
+    return value
+
+
+def _tasks(value: Any, runner: str, source: str) -> dict[str, dict[str, Any]]:
+    """task -> budget mapping; glue task names are checked, instruct studies have the one task ``instruct``."""
+    example = "{rte: {epochs: 10}, stsb: {}}" if runner == "glue" else "{instruct: {epochs: 1}}"
+    if not isinstance(value, dict) or not value:
+        raise UserError(
+            f"{source}: tasks must be a non-empty mapping of task: budget like {example}, got {value!r}."
+        )
+    tasks = {}
+    for task, budget in value.items():
+        if not isinstance(task, str):
+            raise UserError(f"{source}: tasks: {task!r} is not a task name.")
+        if runner == "glue":
+            from melora.data.glue import TASKS
+
+            if task not in TASKS:
+                raise UserError(
+                    f"{source}: tasks: {task!r} is not a GLUE task{suggest(task, sorted(TASKS))}; "
+                    f"choose from {', '.join(sorted(TASKS))}."
+                )
+        elif task != "instruct":
+            raise UserError(
+                f"{source}: tasks: instruct studies have the one task 'instruct' (its budget under "
+                f"tasks: {{instruct: {{...}}}}), got {task!r}."
+            )
+        tasks[task] = _mapping(budget, f"{source}: tasks.{task}", "{epochs: 3, max_train_samples: 1000}")
+    return tasks
+
+
+def _tune(value: Any, source: str) -> Tune:
+    raw = _mapping(value, f"{source}: tune", "{seed: 0, extend: 2, factor: 3}")
+    for key in raw:
+        if key not in _TUNE_KEYS:
+            raise UserError(
+                f"{source}: tune: unknown key {key!r}{suggest(key, _TUNE_KEYS)}; known keys {', '.join(_TUNE_KEYS)}."
+            )
+    tune = Tune()
+    if "seed" in raw:
+        tune.seed = _integer(raw["seed"], f"{source}: tune.seed", 0)
+    if "extend" in raw:
+        tune.extend = _integer(raw["extend"], f"{source}: tune.extend", 0)
+    if "factor" in raw:
+        factor = raw["factor"]
+        if not _is_number(factor) or factor <= 1:
+            raise UserError(f"{source}: tune.factor: expected a number > 1, got {factor!r}.")
+        tune.factor = float(factor)
+    return tune
+
+
+def _eval(value: Any, source: str) -> EvalSpec:
+    raw = _mapping(value, f"{source}: eval", "{tasks: [mmlu, bbh], limit: {mmlu: 2}}", allow_none=False)
+    for key in raw:
+        if key not in _EVAL_KEYS:
+            raise UserError(
+                f"{source}: eval: unknown key {key!r}{suggest(key, _EVAL_KEYS)}; known keys {', '.join(_EVAL_KEYS)}."
+            )
+    spec = EvalSpec()
+    where = f"{source}: eval"
+    if "tasks" in raw:
+        spec.tasks = _strings(raw["tasks"], f"{where}.tasks", "[mmlu, bbh]")
+    if "limit" in raw:
+        limit = raw["limit"]
+        if isinstance(limit, dict):
+            for task, count in limit.items():
+                if not isinstance(task, str) or not _is_int(count) or count < 1:
+                    raise UserError(f"{where}.limit: {task!r}: {count!r}; expected task: an integer >= 1.")
+        elif limit is not None and not (_is_int(limit) and limit >= 1):
+            raise UserError(
+                f"{where}.limit: expected an integer >= 1 or a mapping like {{mmlu: 2}}, got {limit!r}."
+            )
+        spec.limit = limit
+    if "data_dir" in raw:
+        if raw["data_dir"] is not None and not isinstance(raw["data_dir"], str):
+            raise UserError(f"{where}.data_dir: expected a folder path, got {raw['data_dir']!r}.")
+        spec.data_dir = raw["data_dir"]
+    if "batch_size" in raw:
+        spec.batch_size = _integer(raw["batch_size"], f"{where}.batch_size", 1)
+    for key in ("allow_code_execution", "base"):
+        if key in raw:
+            if not isinstance(raw[key], bool):
+                raise UserError(f"{where}.{key}: expected true or false, got {raw[key]!r}.")
+            setattr(spec, key, raw[key])
+    if "extra" in raw:
+        extra = raw["extra"]
+        if not isinstance(extra, list) or not all(
+            isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in extra
+        ):
+            raise UserError(
+                f"{where}.extra: expected a list of extra `melora eval` arguments, got {extra!r}."
+            )
+        spec.extra = [str(v) for v in extra]
+    return spec
+
+
+def _method(i: int, raw: Any, tasks: dict[str, Any], source: str) -> MethodEntry:
+    where = f"{source}: methods[{i}]"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where} must be a mapping like {{method: lora, r: 8}}, got {raw!r}.")
+    adapter_keys = {k: v for k, v in raw.items() if k not in _METHOD_KEYS}
+    known = [f.name for f in dataclasses.fields(AdapterArgs)]
+    for key in adapter_keys:
+        if key not in known:
+            raise UserError(f"{where}: unknown key {key!r}{suggest(str(key), known + sorted(_METHOD_KEYS))}.")
+    try:
+        adapter = AdapterArgs(**adapter_keys)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: {err}") from err
+    lr = _positive_floats(raw["lr"], f"{where}.lr") if "lr" in raw else None
+    seeds = _seeds(raw["seeds"], f"{where}.seeds") if "seeds" in raw else None
+    only = _strings(raw["tasks"], f"{where}.tasks", "[rte, stsb]") if "tasks" in raw else None
+    unknown_tasks = sorted(set(only or []) - set(tasks))
+    if unknown_tasks:
+        raise UserError(f"{where}.tasks {unknown_tasks} are not in tasks {sorted(tasks)}.")
+    return MethodEntry(adapter, seeds, only, lr)
+
+
 def parse_study(data: dict[str, Any], source: str = "study") -> StudySpec:
-    """A StudySpec from the YAML mapping; every unknown key or bad value is a one-line UserError."""
+    """A StudySpec from the YAML mapping; every unknown key or bad value is a one-line UserError.
+
+    Every value's type and range is checked here, naming ``source`` (the file) and the key."""
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: expected a mapping of key: value, got {type(data).__name__}.")
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
     for key in data:
         if key not in _TOP_KEYS:
@@ -168,87 +386,80 @@ def parse_study(data: dict[str, Any], source: str = "study") -> StudySpec:
     for key in ("name", "runner", "tasks", "methods"):
         if key not in data:
             raise UserError(f"{source}: missing key {key!r}.")
-    if data["runner"] not in RUNNERS:
-        raise UserError(f"{source}: runner={data['runner']!r}; choose one of {', '.join(RUNNERS)}.")
-    tasks = data["tasks"]
-    if isinstance(tasks, list):
-        tasks = {t: {} for t in tasks}
-    if not isinstance(tasks, dict) or not tasks:
-        raise UserError(f"{source}: tasks must be a non-empty mapping of task: budget.")
-    tasks = {str(t): dict(b or {}) for t, b in tasks.items()}
-    methods = []
-    for i, raw in enumerate(data["methods"] or []):
-        if not isinstance(raw, dict):
-            raise UserError(f"{source}: methods[{i}] must be a mapping, got {raw!r}.")
-        adapter_keys = {k: v for k, v in raw.items() if k not in _METHOD_KEYS}
-        known = [f.name for f in dataclasses.fields(AdapterArgs)]
-        for key in adapter_keys:
-            if key not in known:
-                raise UserError(
-                    f"{source}: methods[{i}]: unknown key {key!r}{suggest(key, known + sorted(_METHOD_KEYS))}."
-                )
-        try:
-            adapter = AdapterArgs(**adapter_keys)
-        except (TypeError, ValueError) as err:
-            raise UserError(f"{source}: methods[{i}]: {err}") from err
-        lr = _positive_floats(raw["lr"], f"{source}: methods[{i}].lr") if "lr" in raw else None
-        unknown_tasks = sorted(set(raw.get("tasks") or []) - set(tasks))
-        if unknown_tasks:
-            raise UserError(f"{source}: methods[{i}].tasks {unknown_tasks} are not in tasks {sorted(tasks)}.")
-        methods.append(MethodEntry(adapter, raw.get("seeds"), raw.get("tasks"), lr))
-    if not methods:
-        raise UserError(f"{source}: methods is empty.")
+    runner = data["runner"]
+    if not isinstance(runner, str) or runner not in RUNNERS:
+        raise UserError(f"{source}: runner={runner!r}; choose one of {', '.join(RUNNERS)}.")
+    name = _study_name(data["name"], source)
+    output_dir = _output_dir(data.get("output_dir"), source)
+    tasks = _tasks(data["tasks"], runner, source)
+    raw_methods = data["methods"]
+    if not isinstance(raw_methods, list) or not raw_methods:
+        raise UserError(
+            f"{source}: methods must be a non-empty list of mappings like "
+            f"[{{method: lora, r: 8}}, {{method: melora, r: 1, n: 8}}], got {raw_methods!r}."
+        )
+    methods = [_method(i, raw, tasks, source) for i, raw in enumerate(raw_methods)]
     slugs = [m.slug for m in methods]
     duplicates = sorted({s for s in slugs if slugs.count(s) > 1})
     if duplicates:
         raise UserError(f"{source}: methods {duplicates} appear twice; each (method, r, n) once.")
-    grid = {
-        str(k): _positive_floats(v, f"{source}: lr_grid.{k}") for k, v in (data.get("lr_grid") or {}).items()
-    }
-    tune_raw = data.get("tune") or {}
-    try:
-        tune = Tune(**tune_raw)
-    except TypeError as err:
-        raise UserError(f"{source}: tune: {err}; known keys seed, extend, factor.") from err
-    if tune.factor <= 1 or tune.extend < 0:
-        raise UserError(f"{source}: tune needs factor > 1 and extend >= 0, got {tune_raw!r}.")
+    grid_raw = _mapping(
+        data.get("lr_grid"), f"{source}: lr_grid", "{melora: [1.0e-3, 3.0e-3], lora: [3.0e-4]}"
+    )
+    grid = {k: _positive_floats(v, f"{source}: lr_grid.{k}") for k, v in grid_raw.items()}
+    tune = _tune(data.get("tune"), source)
     eval_spec = None
-    if data.get("eval"):
-        if data["runner"] != "instruct":
+    raw_eval = data.get("eval")
+    if not (raw_eval is None or raw_eval is False or raw_eval == {}):  # absent, false or {}: no evaluations
+        if runner != "instruct":
             raise UserError(f"{source}: eval applies to instruct studies only.")
-        try:
-            eval_spec = EvalSpec(**data["eval"])
-        except TypeError as err:
-            raise UserError(f"{source}: eval: {err}.") from err
-    compare = [list(pair) for pair in data.get("compare") or []]
-    for pair in compare:
-        if len(pair) != 2 or any(p not in slugs for p in pair):
+        eval_spec = _eval(raw_eval, source)
+    compare_raw = data.get("compare")
+    if compare_raw is None:
+        compare_raw = []
+    if not isinstance(compare_raw, list):
+        raise UserError(
+            f"{source}: compare must be a list of slug pairs like [[melora-r1-n8, lora-r8]], got {compare_raw!r}."
+        )
+    for pair in compare_raw:
+        if not isinstance(pair, list) or len(pair) != 2 or any(p not in slugs for p in pair):
             raise UserError(f"{source}: compare entry {pair!r} must be two method slugs from {slugs}.")
+    compare = [list(pair) for pair in compare_raw]
+    select = data.get("select", "primary")
+    if not isinstance(select, str) or not select:
+        raise UserError(
+            f"{source}: select: expected 'primary' or a summary key like rte/accuracy_best, got {select!r}."
+        )
     spec = StudySpec(
-        name=str(data["name"]),
-        runner=data["runner"],
+        name=name,
+        runner=runner,
         tasks=tasks,
         methods=methods,
-        seeds=[int(s) for s in data.get("seeds") or [0]],
+        seeds=_seeds(data["seeds"], f"{source}: seeds") if "seeds" in data else [0],
         lr_grid=grid,
-        base=dict(data.get("base") or {}),
-        output_dir=data.get("output_dir"),
-        workers=int(data.get("workers", 1)),
-        threads_per_worker=int(data.get("threads_per_worker", 1)),
+        base=_mapping(data.get("base"), f"{source}: base", "{model: minilm, batch_size: 32}"),
+        output_dir=output_dir,
+        workers=_integer(data.get("workers", 1), f"{source}: workers", 1),
+        threads_per_worker=_integer(data.get("threads_per_worker", 1), f"{source}: threads_per_worker", 1),
         tune=tune,
-        select=str(data.get("select", "primary")),
+        select=select,
         compare=compare,
         eval=eval_spec,
         source=source,
     )
     for entry in methods:
         spec.grid_for(entry)  # every method has learning rates
-    if spec.workers < 1 or spec.threads_per_worker < 1:
-        raise UserError(f"{source}: workers and threads_per_worker must be >= 1.")
     return spec
 
 
 def load_study(path: str | Path) -> StudySpec:
+    """The study file at ``path``, checked; every problem is one UserError naming the file."""
     from melora.args import load_preset
 
-    return parse_study(load_preset(path), str(path))
+    try:
+        data = load_preset(path)
+    except UserError as err:  # e.g. not UTF-8: say which file
+        if str(path) not in str(err):
+            raise UserError(f"{path}: {err}") from err
+        raise
+    return parse_study(data, str(path))
