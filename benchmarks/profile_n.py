@@ -4,7 +4,7 @@
     python benchmarks/profile_n.py --d 2048 --tokens 512 --n 2 32 --out benchmarks/results/profile_n.md
 
 For each n the layer benchmark's training step (zero_grad + forward + backward + AdamW on one adapted
-Linear d -> d, input requiring grad; `melora.bench.configurations.layer_workload`) runs `--steps` times
+Linear d -> d, input requiring grad; `melora.lab.bench.configurations.layer_workload`) runs `--steps` times
 under the profiler after a warm-up, round-robin over the configurations `--repeats` times; the table
 gives each aten op's self CPU time per step in ms, per n, with LoRA(1) and LoRA(n*r) for reference, then
 the step totals. Ops are the sum over all their calls.
@@ -50,8 +50,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import melora  # noqa: F401  (registers MELORA with PEFT)
-    from melora.bench.config import Experiment, LayerShape, MethodSpec
-    from melora.bench.configurations import layer_workload
+    from melora.lab.bench.config import Experiment, LayerShape, MethodSpec
+    from melora.lab.bench.configurations import layer_workload
 
     torch.set_num_threads(args.threads)
     shape = LayerShape(args.d, args.tokens)
@@ -84,7 +84,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        from melora.io import atomic_write_text
+        from melora.atomic import atomic_write_text
 
         atomic_write_text(args.out, text + "\n")
 

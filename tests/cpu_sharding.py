@@ -36,7 +36,7 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs) -> None:
 
 
 def _deepspeed_on_cpu() -> None:
-    import melora.finetune.training as training
+    import melora.lab.finetune.training as training
 
     plain = training.training_arguments
 
@@ -48,7 +48,7 @@ def _deepspeed_on_cpu() -> None:
 
 def main(argv: list[str]) -> int:
     from melora.cli import main as cli_main
-    from melora.finetune.sharding import requested_sharding
+    from melora.lab.finetune.sharding import requested_sharding
 
     if requested_sharding() == "DeepSpeed":
         _deepspeed_on_cpu()

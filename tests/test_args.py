@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from melora.args import AdapterArgs, UserError
 from melora.errors import UserError as CoreUserError
+from melora.lab.args import AdapterArgs, UserError
 from melora.tuner.config import MELoRAConfig
 
 

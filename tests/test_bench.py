@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import melora  # noqa: F401  (registers MELORA)
-from melora.bench import (
+from melora.functional import block_diagonal
+from melora.lab.bench import (
     Experiment,
     LayerShape,
     MethodSpec,
@@ -21,14 +22,13 @@ from melora.bench import (
     render_plot,
     run_experiment,
 )
-from melora.bench.analysis import evaluate_targets
-from melora.bench.config import experiment_from_dict, gralora_for
-from melora.bench.configurations import SingleLinear, attach_adapter
-from melora.bench.harness import KINDS
-from melora.bench.kernels import VARIANTS
-from melora.bench.loop_baseline import LoopMELoRALinear
-from melora.functional import block_diagonal
-from melora.io import read_yaml
+from melora.lab.bench.analysis import evaluate_targets
+from melora.lab.bench.config import experiment_from_dict, gralora_for
+from melora.lab.bench.configurations import SingleLinear, attach_adapter
+from melora.lab.bench.harness import KINDS
+from melora.lab.bench.kernels import VARIANTS
+from melora.lab.bench.loop_baseline import LoopMELoRALinear
+from melora.lab.yaml_files import read_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +151,7 @@ def test_e2e_level_on_a_tiny_llama(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quick_command_writes_json_table_and_plot(tmp_path: Path) -> None:
-    from melora.bench import runner
+    from melora.lab.bench import runner
 
     parser = argparse.ArgumentParser(prog="melora")
     runner.add_parser(parser.add_subparsers(dest="command"))
@@ -222,7 +222,7 @@ def test_non_square_layer_shapes_and_the_quick_caps() -> None:
     assert experiment.shapes[0].label == "layer 4096x11008 T=4096"
     quick = experiment.quick().shapes[0]
     assert (quick.d, quick.out_features, quick.tokens) == (256, 512, 128)
-    from melora.bench.configurations import layer_workload
+    from melora.lab.bench.configurations import layer_workload
 
     quick_experiment = experiment.quick()
     workload = layer_workload(quick_experiment, quick, MethodSpec("melora", r=1, n=8), torch.device("cpu"))
@@ -234,7 +234,7 @@ def test_non_square_layer_shapes_and_the_quick_caps() -> None:
 
 
 def test_random_models_keep_their_widths_and_reject_unknown_names() -> None:
-    from melora.bench.configurations import SMOLLM2_135M, random_model
+    from melora.lab.bench.configurations import SMOLLM2_135M, random_model
 
     case = ModelCase("smollm2-random", batch=8, seq_len=512, target_modules=("q_proj",))
     quick = Experiment(name="q", level="e2e", models=[case], melora=[(1, 8)]).quick().models[0]

@@ -66,7 +66,7 @@ def test_debug_shows_the_traceback():
 
 
 def test_a_bare_key_error_from_a_library_is_named_as_one(capsys, monkeypatch):
-    import melora.study.command as study_command
+    import melora.lab.study.command as study_command
 
     def lookup(args):
         raise KeyError("MELORA")  # what a mapping lookup inside PEFT raises
@@ -81,7 +81,7 @@ def test_a_launched_run_destroys_its_process_group_after_success_only(monkeypatc
     """gloo groups left to the interpreter's exit can abort a rank; after an error they must stay."""
     import torch.distributed as dist
 
-    import melora.study.command as study_command
+    import melora.lab.study.command as study_command
 
     def opens_a_group(fails: bool):
         def command(args):
@@ -195,7 +195,7 @@ def test_a_library_path_error_is_one_line_naming_the_path(tmp_path):
     ],
 )  # fmt: skip
 def test_path_errors_are_user_errors_naming_the_path(capsys, monkeypatch, error, line):
-    import melora.study.command as study_command
+    import melora.lab.study.command as study_command
 
     def fails(args):
         raise error

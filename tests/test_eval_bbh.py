@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from melora.eval import bbh
+from melora.lab.eval import bbh
 from tests.test_eval_fixtures import BBH_TASKS, eval_args, tiny_lm, write_eval_data
 
 

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from melora.eval import drop
+from melora.lab.eval import drop
 from tests.test_eval_fixtures import eval_args, tiny_lm
 
 

@@ -15,7 +15,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from melora.eval.args import EvalArgs
+from melora.lab.eval.args import EvalArgs
 from tests.tiny_models import tiny_llama
 
 

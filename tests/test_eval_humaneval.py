@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from melora.eval import humaneval, runner, sandbox
-from melora.eval.args import EvalArgs
-from melora.eval.sandbox import Containment, Harness, SandboxLimits, WeakSandboxError
+from melora.lab.eval import humaneval, runner, sandbox
+from melora.lab.eval.args import EvalArgs
+from melora.lab.eval.sandbox import Containment, Harness, SandboxLimits, WeakSandboxError
 from tests.test_eval_fixtures import HUMANEVAL_PROBLEMS, eval_args, save_tiny_lm, tiny_lm, write_eval_data
 
 FAST = SandboxLimits(timeout_s=2.0)

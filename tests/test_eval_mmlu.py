@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from melora.eval import mmlu
-from melora.eval.scoring import choice_logprobs
+from melora.lab.eval import mmlu
+from melora.lab.eval.scoring import choice_logprobs
 from tests.test_eval_fixtures import MMLU_ROWS, eval_args, tiny_lm, write_eval_data
 
 Q = mmlu.Question("2 + 2 = ?", ("3", "4", "5", "6"), "B")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from melora.args import UserError
-from melora.eval import bbh, drop, humaneval, mmlu, runner, sandbox, sandbox_child
-from melora.eval.args import EvalArgs
-from melora.eval.sandbox import Containment, SandboxLimits
+from melora.lab.args import UserError
+from melora.lab.eval import bbh, drop, humaneval, mmlu, runner, sandbox, sandbox_child
+from melora.lab.eval.args import EvalArgs
+from melora.lab.eval.sandbox import Containment, SandboxLimits
 
 LIMITS = SandboxLimits(timeout_s=5.0)
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,13 +335,13 @@ def test_a_defective_data_file_through_the_cli_is_one_line_naming_file_and_line(
 
 
 def test_long_phases_log_their_progress_when_stderr_is_not_a_terminal(monkeypatch, caplog):
-    from melora.eval import scoring
+    from melora.lab.eval import scoring
     from tests.test_eval_fixtures import tiny_lm
 
     monkeypatch.setattr(scoring, "LOG_EVERY_S", 0.0)  # every step, instead of every 30 s
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file, not a terminal (also under pytest -s)
     model, tokenizer = tiny_lm()
-    with caplog.at_level("INFO", logger="melora.eval.scoring"):
+    with caplog.at_level("INFO", logger="melora.lab.eval.scoring"):
         scoring.choice_logprobs(model, tokenizer, [f"question {i}" for i in range(8)], [" A", " B"], 2)
     assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == scoring.logger.name] == [
         "scoring: 2/8",

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from melora.args import UserError, load_preset
-from melora.eval import runner
-from melora.eval.args import EvalArgs
+from melora.lab.args import UserError, load_preset
+from melora.lab.eval import runner
+from melora.lab.eval.args import EvalArgs
 from tests.test_eval_fixtures import save_tiny_lm, write_eval_data
 
 CONTRACT_KEYS = {"kind", "label", "method", "seed", "config", "versions", "trainable_params",
@@ -190,7 +190,7 @@ def test_cli_parses_into_run_eval(tiny_dirs, tmp_path, capsys):
 def test_a_run_folder_is_accepted_and_labels_the_evaluation(tiny_dirs, tmp_path):
     """`--adapter RUN_DIR` finds RUN_DIR/adapter and takes label, method, r, n and seed from results.json."""
     from melora import MELoRAConfig
-    from melora.records import RunRecord
+    from melora.lab.records import RunRecord
 
     model_dir, data_dir = tiny_dirs
     config = MELoRAConfig(r=2, n=2, alpha=4, target_modules=["q_proj", "v_proj"], init_weights=False)
@@ -234,8 +234,8 @@ def test_every_flag_is_an_eval_args_field_and_the_old_flags_still_parse():
 
 
 def test_the_weak_sandbox_flag_is_the_one_the_refusal_names():
-    from melora.args import flag_name
-    from melora.eval.sandbox import ACCEPT_FLAG
+    from melora.lab.args import flag_name
+    from melora.lab.eval.sandbox import ACCEPT_FLAG
 
     assert flag_name("accept_weak_sandbox") == ACCEPT_FLAG
 
@@ -263,7 +263,7 @@ def test_a_preset_key_that_is_no_field_is_named_with_the_file(tmp_path):
 def test_every_task_module_has_the_one_evaluate_signature():
     import inspect
 
-    from melora.eval.args import TASK_NAMES
+    from melora.lab.eval.args import TASK_NAMES
 
     assert tuple(runner.TASKS) == TASK_NAMES
     for name, task in runner.TASKS.items():

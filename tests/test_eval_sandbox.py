@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from melora.eval.sandbox import (
+from melora.lab.eval.sandbox import (
     REQUIRED,
     Harness,
     SandboxLimits,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from melora.eval import sandbox, sandbox_child
+from melora.lab.eval import sandbox, sandbox_child
 
 CHILD = Path(sandbox_child.__file__).resolve()
 
@@ -58,7 +58,7 @@ def test_every_import_of_the_child_is_the_standard_library():
 @pytest.mark.parametrize(
     ("line", "culprit"),
     [
-        ("from melora.eval import sandbox", "melora"),
+        ("from melora.lab.eval import sandbox", "melora"),
         ("from .sandbox import run_program", ".sandbox"),
         ("import numpy as np", "numpy"),
     ],

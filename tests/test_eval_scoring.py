@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from melora.eval.scoring import (
+from melora.lab.eval.scoring import (
     choice_logprobs,
     continuation_logprobs,
     fit_shots,
@@ -108,7 +108,7 @@ def test_shared_prefix_cache_gives_the_same_generations():
 
 
 def test_plan_shares_the_longest_common_prefix_within_groups():
-    from melora.eval.scoring import _plan
+    from melora.lab.eval.scoring import _plan
 
     rows = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [9, 9], [1, 2, 7]]
     assert _plan(rows, ["g", "g", "h", "g"], reserve=[1, 1, 1, 1]) == [(2, [0, 1, 3]), (0, [2])]
@@ -125,7 +125,7 @@ def test_overlong_prompts_are_cut_from_the_left_with_one_warning(caplog):
     torch.manual_seed(0)
     model = tiny_llama(tokenizer, max_position_embeddings=32).eval()
     long = "word " * 200
-    with caplog.at_level("WARNING", logger="melora.eval.scoring"):
+    with caplog.at_level("WARNING", logger="melora.lab.eval.scoring"):
         out = greedy_generate(model, tokenizer, [long, CONTEXTS[0]], max_new_tokens=64, batch_size=2)
     assert len(out) == 2
     warnings = [r.getMessage() for r in caplog.records]

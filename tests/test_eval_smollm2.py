@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from melora.eval import mmlu, runner
-from melora.eval.args import EvalArgs
-from melora.eval.scoring import choice_logprobs
+from melora.lab.eval import mmlu, runner
+from melora.lab.eval.args import EvalArgs
+from melora.lab.eval.scoring import choice_logprobs
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from melora import MELoRAConfig, export_lora, save_adapter
-from melora.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from melora.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from tests.tiny_models import TinyMLP, tiny_llama
 
 A0, B0 = "base_model.model.lin0.melora_A", "base_model.model.lin0.melora_B"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from melora.data.glue import TASKS, get_task, load_glue, read_tsv, subsample
+from melora.lab.data.glue import TASKS, get_task, load_glue, read_tsv, subsample
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 
@@ -101,7 +101,7 @@ def test_real_glue_row_counts(task, train, dev):
     ],
 )
 def test_empty_or_header_only_file_is_one_user_error(tmp_path, task, text, match):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     path = write(tmp_path / "train.tsv", text)
     with pytest.raises(UserError, match=match):
@@ -109,7 +109,7 @@ def test_empty_or_header_only_file_is_one_user_error(tmp_path, task, text, match
 
 
 def test_missing_column_names_file_column_and_fix(tmp_path):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     path = write(tmp_path / "train.tsv", "sentence\n a\n")
     with pytest.raises(
@@ -162,7 +162,7 @@ def _row(task: str, label: str) -> str:
     ],
 )
 def test_label_outside_the_task_range_names_file_line_and_range(tmp_path, task, bad):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     good = "0" if task not in ("rte", "qnli", "mnli") else "entailment"
     lines = ([] if task == "cola" else [_HEADERS[task]]) + [_row(task, good), _row(task, bad)]
@@ -186,7 +186,7 @@ def test_labels_at_the_ends_of_the_range_are_accepted(tmp_path):
 
 
 def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     path = tmp_path / "RTE" / "train.tsv"
     path.parent.mkdir()
@@ -199,8 +199,8 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path):
 
 def test_bad_train_file_fails_in_the_runner_before_any_model_is_loaded(tmp_path):
     """An out-of-range SST-2 label used to pass the loader and crash mid-training with IndexError."""
-    from melora.args import UserError
-    from melora.finetune.glue import GlueRun, run_glue
+    from melora.lab.args import UserError
+    from melora.lab.finetune.glue import GlueRun, run_glue
 
     write(tmp_path / "data" / "SST-2" / "train.tsv", "sentence\tlabel\ngood\t1\nbad\t7\n")
     write(tmp_path / "data" / "SST-2" / "dev.tsv", "sentence\tlabel\ngood\t1\n")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from melora.args import UserError, load_preset
-from melora.finetune.glue import GlueRun, add_parser, epoch_metrics, format_result, run_glue, summarize
+from melora.lab.args import UserError, load_preset
+from melora.lab.finetune.glue import GlueRun, add_parser, epoch_metrics, format_result, run_glue, summarize
 from tests.tiny_models import write_tiny_glue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def test_unknown_or_mistyped_preset_key_names_key_and_file(tmp_path):
 
 
 def test_method_defaults_labels_and_learning_rates():
-    from melora.finetune.glue import DEFAULT_LR
+    from melora.lab.finetune.glue import DEFAULT_LR
 
     run = GlueRun.from_options({"task": "rte", "output_dir": "x"})
     assert (run.adapter.label, run.adapter.slug, run.train.lr) == (
@@ -242,7 +242,7 @@ def test_torchrun_two_cpu_processes_agree(tiny, tmp_path):
         "--master_port",
         "29531",
         "-m",
-        "melora.finetune.glue",
+        "melora.lab.finetune.glue",
         "--task",
         "rte",
         "--model",
@@ -387,7 +387,7 @@ def test_unwritable_output_dir_is_refused_before_data_or_model(tiny, tmp_path, m
         raise AssertionError("the data was read before the output folder was checked")
 
     monkeypatch.setattr(tempfile, "mkstemp", denied)
-    monkeypatch.setattr("melora.data.glue.load_glue", no_data)
+    monkeypatch.setattr("melora.lab.data.glue.load_glue", no_data)
     out = tmp_path / "out"
     with pytest.raises(UserError, match=rf"^output folder {re.escape(str(out))} is not writable: Permission denied; "
                                         r"pass --output-dir a folder you can write to"):  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melora.data.instruct import (
+from melora.lab.data.instruct import (
     ALPACA_PROMPT_INPUT,
     IGNORE_INDEX,
     InstructCollator,
@@ -278,7 +278,7 @@ def test_real_dolly_shard_loads():
     ],
 )  # fmt: skip
 def test_every_field_must_be_a_string_never_read_as_empty(tmp_path, record, match):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     path = tmp_path / "data.json"
     path.write_text(
@@ -294,7 +294,7 @@ def test_every_field_must_be_a_string_never_read_as_empty(tmp_path, record, matc
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])
 def test_non_utf8_bytes_name_the_file_and_line(tmp_path, suffix):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     path = tmp_path / f"latin{suffix}"
     good = json.dumps({"instruction": "i", "output": "o"}).encode()
@@ -307,7 +307,7 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path, suffix):
 
 
 def test_invalid_json_names_file_line_and_column(tmp_path):
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     path = tmp_path / "bad.json"
     path.write_text('[\n{"instruction": "i", "output": "o"},\n{"instruction": "i" "output": "o"}\n]')

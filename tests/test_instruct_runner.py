@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from melora.args import UserError, load_preset
 from melora.cli import main as cli_main
-from melora.finetune.instruct import InstructRun, add_parser
+from melora.lab.args import UserError, load_preset
+from melora.lab.finetune.instruct import InstructRun, add_parser
 from tests.test_instruct_data import build_tiny_tokenizer
 from tests.tiny_models import tiny_llama
 
@@ -166,7 +166,7 @@ def test_smollm2_melora_learns_and_reloads(tmp_path):
         pytest.skip(f"real Alpaca data not found at {folder}")
     from peft import PeftModel
 
-    from melora.models import load_causal_lm
+    from melora.lab.models import load_causal_lm
 
     out = tmp_path / "smollm2"
     main(["--data", str(folder / "alpaca_data-00000-03252.json"), "--model", "smollm2", "--output-dir", str(out),

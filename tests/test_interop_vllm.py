@@ -49,7 +49,7 @@ def _interop_python() -> Path:
 
 def _train_a_few_steps(model, tokenizer, steps: int = 6) -> list[float]:
     """AdamW on 8 real Alpaca examples (prompt + answer), lr high enough to move greedy outputs."""
-    from melora.data.instruct import build_prompt, load_file
+    from melora.lab.data.instruct import build_prompt, load_file
 
     path = SHARED_DATA / "instruct" / "alpaca" / "alpaca_data-00000-03252.json"
     if not path.is_file():
@@ -91,8 +91,8 @@ def test_vllm_serves_the_exported_lora_token_identically(tmp_path):
     from peft import get_peft_model
 
     from melora import MELoRAConfig, export_lora
-    from melora.data.instruct import ALPACA_PROMPT_NO_INPUT
-    from melora.models import load_causal_lm
+    from melora.lab.data.instruct import ALPACA_PROMPT_NO_INPUT
+    from melora.lab.models import load_causal_lm
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm("smollm2")

@@ -24,9 +24,9 @@ from peft import PeftModel, get_peft_model
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
-import melora.io as mio
+import melora.adapter_folder as mio
 from melora import MELoRAConfig, save_adapter
-from melora.io import (
+from melora.adapter_folder import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     atomic_directory,

@@ -224,7 +224,7 @@ def test_a_layer_built_directly_gets_the_one_n_divides_diagnosis():
 
 
 def test_a_layer_built_directly_checks_r_n_alpha_dropout_with_the_configs_rules():
-    from melora.args import UserError
+    from melora.lab.args import UserError
     from melora.tuner.layer import Linear
 
     (expected,) = MELoRAConfig.hyperparameter_problems(alpha=0)

@@ -19,8 +19,8 @@ import torch
 from peft import get_peft_model
 
 from melora import MELoRAConfig, export_lora, save_adapter
-from melora.eval import mmlu
-from melora.eval.scoring import choice_logprobs
+from melora.lab.eval import mmlu
+from melora.lab.eval.scoring import choice_logprobs
 from tests.test_eval_fixtures import save_tiny_lm, tiny_lm, write_eval_data
 
 lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface")

@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from melora import models
+from melora.lab import models
 
 
 def split_zip(tmp_path, files: dict[str, bytes], pieces: int = 3) -> list:

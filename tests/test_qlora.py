@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from melora.args import UserError
 from melora.cli import main as cli_main
-from melora.finetune.instruct import InstructRun
-from melora.finetune.qlora import bnb_config, check_bitsandbytes, optimizer_name
+from melora.lab.args import UserError
+from melora.lab.finetune.instruct import InstructRun
+from melora.lab.finetune.qlora import bnb_config, check_bitsandbytes, optimizer_name
 
 
 def test_4bit_is_qloras_recipe():

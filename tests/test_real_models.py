@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from melora import MELoRAConfig, adapter_summary, export_lora
-from melora.models import load_causal_lm, load_sequence_classifier
+from melora.lab.models import load_causal_lm, load_sequence_classifier
 from melora.tuner.layer import MELoRALayer
 
 pytestmark = pytest.mark.slow

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from melora.io import write_json_atomic
-from melora.report import add_parser, aggregate, find_results, load_run, report
+from melora.atomic import write_json_atomic
+from melora.lab.report import add_parser, aggregate, find_results, load_run, report
 
 
 def write_run(folder, kind, label, seed, summary, params):

@@ -1,4 +1,4 @@
-"""melora.finetune.sharding and the distributed configs, without launching processes (the runs: test_distributed)."""
+"""melora.lab.finetune.sharding and the distributed configs, without launching processes (the runs: test_distributed)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from melora.args import UserError
-from melora.finetune.sharding import check_sharding_active, full_tensor, requested_sharding
-from melora.finetune.training import last_complete_checkpoint
+from melora.lab.args import UserError
+from melora.lab.finetune.sharding import check_sharding_active, full_tensor, requested_sharding
+from melora.lab.finetune.training import last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 

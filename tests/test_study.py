@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melora.args import UserError
-from melora.records import RunRecord
-from melora.study.command import RUN_PRESET, describe_plan, drop_checkpoints, resumable, run_options
-from melora.study.learning import clear_margin
-from melora.study.plan import is_done, plan_study
-from melora.study.render import render_study
-from melora.study.spec import parse_study
-from melora.study.stats import paired_difference
+from melora.lab.args import UserError
+from melora.lab.records import RunRecord
+from melora.lab.study.command import RUN_PRESET, describe_plan, drop_checkpoints, resumable, run_options
+from melora.lab.study.learning import clear_margin
+from melora.lab.study.plan import is_done, plan_study
+from melora.lab.study.render import render_study
+from melora.lab.study.spec import parse_study
+from melora.lab.study.stats import paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -273,7 +273,7 @@ def fake_checkpoint(folder: Path, step: int, whole: bool = True) -> Path:
 
 
 def test_an_unfinished_run_resumes_only_from_a_whole_checkpoint_under_the_same_options(tmp_path):
-    from melora.io import write_yaml_atomic
+    from melora.lab.yaml_files import write_yaml_atomic
 
     spec = parse_study(study(tmp_path))
     job = plan_study(spec).jobs[0]
@@ -393,7 +393,7 @@ def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
 
 
 def test_time_to_go_prices_each_run_by_finished_runs_like_it(tmp_path):
-    from melora.study.learning import compute_spent, time_to_go, wall_times
+    from melora.lab.study.learning import compute_spent, time_to_go, wall_times
 
     spec = parse_study(study(tmp_path, tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}},
                              methods=[{"method": "lora", "r": 8}, {"method": "full"}],
@@ -417,7 +417,7 @@ def test_time_to_go_prices_each_run_by_finished_runs_like_it(tmp_path):
 
 def test_only_runs_the_matching_runs_and_the_extensions_they_make_due(tmp_path, monkeypatch):
     """``--only 'rte/lora-r8/*'``: LoRA's grid at seed 0, its edge extension, then its seeds; nothing else."""
-    import melora.study.command as command
+    import melora.lab.study.command as command
 
     spec = parse_study(study(tmp_path, tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}}))
     executed = []
@@ -477,7 +477,7 @@ def test_n_ablation_table_and_plot_cover_only_the_tasks_it_ran_with_the_tuning_s
 
 
 def test_a_finished_run_without_its_adapter_is_retrained_before_its_evaluation(tmp_path):
-    from melora.study.command import retrain_lost_adapters
+    from melora.lab.study.command import retrain_lost_adapters
 
     spec = parse_study(
         instruct_study(tmp_path, seeds=[0, 1], lr_grid={"melora": [1e-3]}, eval={"tasks": ["mmlu"]})
@@ -500,7 +500,7 @@ def test_a_finished_run_without_its_adapter_is_retrained_before_its_evaluation(t
 
 
 def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_the_reference(tmp_path):
-    from melora.study.command import command_for
+    from melora.lab.study.command import command_for
 
     spec = parse_study(
         instruct_study(

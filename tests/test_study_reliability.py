@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melora.args import UserError
-from melora.records import RunRecord
-from melora.study.command import execute
-from melora.study.plan import is_done, plan_study, read_metric
-from melora.study.spec import load_study, parse_study
+from melora.lab.args import UserError
+from melora.lab.records import RunRecord
+from melora.lab.study.command import execute
+from melora.lab.study.plan import is_done, plan_study, read_metric
+from melora.lab.study.spec import load_study, parse_study
 from tests.test_study import REPO, finish, hold_lock, study
 
 COUNTER = """
@@ -334,7 +334,7 @@ def test_a_relative_output_dir_must_stay_inside_results(tmp_path):
     ids=["list", "truncated", "empty", "not-utf8"],
 )
 def test_a_damaged_results_json_is_one_error_naming_the_file(tmp_path, content, message):
-    from melora.records import read_results
+    from melora.lab.records import read_results
 
     spec = parse_study(
         study(tmp_path, methods=[{"method": "lora", "lr": [1e-3, 3e-3]}], seeds=[0], compare=[])

@@ -145,8 +145,8 @@ def test_sft_trainer_smollm2_alpaca_melora_lowers_loss_saves_and_reloads(tmp_pat
     path = DATA_DIR / "instruct" / "alpaca" / "alpaca_data-00000-03252.json"
     if not path.is_file():
         pytest.skip(f"real Alpaca data not found at {path}")
-    from melora.data.instruct import build_prompt, load_file
-    from melora.models import load_causal_lm
+    from melora.lab.data.instruct import build_prompt, load_file
+    from melora.lab.models import load_causal_lm
 
     examples = load_file(path)[:16]
     dataset = datasets.Dataset.from_dict(

@@ -178,7 +178,7 @@ def test_huge_r_in_adapter_config_is_refused_before_any_allocation(tmp_path):
 
     from peft import PeftModel
 
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     folder = _saved_mlp_adapter(tmp_path / "adapter", r=10**9)
     start = time.perf_counter()
@@ -211,7 +211,7 @@ def test_rank_above_the_block_size_is_refused_and_the_block_size_accepted():
 def test_invalid_adapter_config_file_is_named(tmp_path):
     from peft import PeftModel
 
-    from melora.args import UserError
+    from melora.lab.args import UserError
 
     folder = _saved_mlp_adapter(tmp_path / "adapter", r=0, init_weights="false")
     with pytest.raises(UserError, match=r"(?s)adapter.adapter_config\.json: Invalid MELoRAConfig:.*r=0: .*"

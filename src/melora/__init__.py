@@ -38,7 +38,7 @@ _LAZY = {
     "adapter_summary": "melora.accounting",
     "format_summary": "melora.accounting",
     "export_lora": "melora.export",
-    "save_adapter": "melora.io",
+    "save_adapter": "melora.adapter_folder",
 }
 
 

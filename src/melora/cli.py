@@ -19,15 +19,15 @@ import sys
 
 # name -> (module, one-line help); the module is imported only when the subcommand runs.
 SUBCOMMANDS = {
-    "glue": ("melora.finetune.glue", "fine-tune an encoder on a GLUE task (MELoRA / LoRA / full)"),
-    "instruct": ("melora.finetune.instruct", "instruction-tune a causal LM on Alpaca/Dolly-format data"),
-    "eval": ("melora.eval.runner", "MMLU, BBH, HumanEval, DROP for a base model, adapter or run folder"),
+    "glue": ("melora.lab.finetune.glue", "fine-tune an encoder on a GLUE task (MELoRA / LoRA / full)"),
+    "instruct": ("melora.lab.finetune.instruct", "instruction-tune a causal LM on Alpaca/Dolly-format data"),
+    "eval": ("melora.lab.eval.runner", "MMLU, BBH, HumanEval, DROP for a base model, adapter or run folder"),
     "study": (
-        "melora.study.command",
+        "melora.lab.study.command",
         "plan, run (resumably) and report a study file: tasks x methods x lr x seeds",
     ),
-    "report": ("melora.report", "aggregate results.json files into tables and plots"),
-    "bench": ("melora.bench.runner", "speed / memory / parameter benchmarks"),
+    "report": ("melora.lab.report", "aggregate results.json files into tables and plots"),
+    "bench": ("melora.lab.bench.runner", "speed / memory / parameter benchmarks"),
     "export-lora": ("melora.export", "convert a MELoRA adapter into a standard LoRA adapter"),
 }
 # Errors that are the user's to fix: one line, exit status 2. The OSErrors are about a path the user gave (a

@@ -28,9 +28,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from melora.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
 from melora.errors import ConfigError, UserError
 from melora.functional import to_lora_factors
-from melora.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
 from melora.tuner.config import PEFT_TYPE, MELoRAConfig
 from melora.tuner.layer import MELoRALayer
 
