@@ -149,6 +149,15 @@ def test_e2e_level_on_a_tiny_llama(tmp_path: Path) -> None:
     assert render_plot(results, tmp_path / "bench_e2e.png").exists()
 
 
+def test_the_command_entry_is_main_like_every_other_command() -> None:
+    from melora.lab.bench import runner
+
+    parser = argparse.ArgumentParser(prog="melora")
+    runner.add_parser(parser.add_subparsers(dest="command"))
+    assert parser.parse_args(["bench", "x.yaml"]).func is runner.main
+    assert not hasattr(runner, "run")
+
+
 @pytest.mark.slow
 def test_quick_command_writes_json_table_and_plot(tmp_path: Path) -> None:
     from melora.lab.bench import runner

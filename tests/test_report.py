@@ -116,3 +116,35 @@ def test_output_dir_writes_table_plot_and_groups(runs, tmp_path):
     assert (out / "score_vs_params.png").stat().st_size > 1000 and json.loads(
         (out / "groups.json").read_text()
     )
+
+
+def _drawn_x_labels(monkeypatch, groups, tmp_path) -> list[str]:
+    """The x tick labels of the first panel ``plot_score_vs_params`` draws (inside the axis' view)."""
+    import matplotlib.pyplot as plt
+
+    from melora.lab.report import plot_score_vs_params
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figure to look at it
+    plot_score_vs_params(groups, tmp_path / "p.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    low, high = ax.get_xlim()
+    return [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high and t.get_text()]
+
+
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ([20_000, 35_000, 60_000], ["20,000", "35,000", "60,000"]),  # no power of ten in view
+        ([9_000, 10_000, 40_000], ["9,000", "40,000"]),  # one: 10,000 too close to 9,000 to label
+        ([500, 74_498], ["$\\mathdefault{10^{3}}$", "$\\mathdefault{10^{4}}$"]),  # decades: powers of ten
+    ],
+    ids=["within-a-decade", "across-one-power", "several-decades"],
+)
+def test_the_params_axis_is_labelled_however_narrow_the_data(monkeypatch, tmp_path, params, expected):
+    from melora.lab.report import Group
+
+    groups = [Group("glue", f"m{p}", "rte/accuracy_best", [0.6], [0], [p]) for p in params]
+    assert _drawn_x_labels(monkeypatch, groups, tmp_path) == expected

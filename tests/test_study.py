@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from melora.lab.args import UserError
+from melora.lab.eval.args import EvalArgs
 from melora.lab.records import RunRecord
 from melora.lab.study.command import RUN_PRESET, describe_plan, drop_checkpoints, resumable, run_options
 from melora.lab.study.learning import clear_margin
@@ -393,7 +394,8 @@ def test_tiny_study_runs_resumes_after_a_kill_and_reports(tmp_path):
 
 
 def test_time_to_go_prices_each_run_by_finished_runs_like_it(tmp_path):
-    from melora.lab.study.learning import compute_spent, time_to_go, wall_times
+    from melora.lab.study.cost import compute_spent, time_to_go
+    from melora.lab.study.results import wall_times
 
     spec = parse_study(study(tmp_path, tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}},
                              methods=[{"method": "lora", "r": 8}, {"method": "full"}],
@@ -511,10 +513,13 @@ def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_th
     jobs = plan_study(spec).jobs
     assert [job.name for job in jobs][-1] == "instruct/base/eval"  # after every run and its evaluation
     base, evaluation = jobs[-1], next(job for job in jobs if job.kind == "eval")
-    argv = command_for(spec, base)
-    assert argv[:3] == ["eval", "--model", "tiny"] and "--adapter" not in argv
-    assert argv[argv.index("--label") + 1] == "base (untuned)"
-    assert command_for(spec, evaluation)[3:5] == ["--adapter", str(evaluation.folder.parent)]
+    assert command_for(spec, base) == ["eval", "--config", str(base.folder / "eval.yaml")]
+    untuned = EvalArgs.from_preset(base.folder / "eval.yaml")
+    assert (untuned.model, untuned.adapter, untuned.label) == ("tiny", None, "base (untuned)")
+    assert (untuned.tasks, untuned.output_dir) == (["mmlu"], str(base.folder))
+    assert command_for(spec, evaluation)[:3] == ["eval", "--config", str(evaluation.folder / "eval.yaml")]
+    tuned = EvalArgs.from_preset(evaluation.folder / "eval.yaml")
+    assert (tuned.adapter, tuned.label) == (str(evaluation.folder.parent), None)  # the run's own label
     assert base.folder == spec.root / "instruct" / "base" / "eval"
     other = hold_lock(base.folder)  # another study process evaluating the untuned model
     try:

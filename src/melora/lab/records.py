@@ -33,6 +33,7 @@ NON_DEFINING = frozenset(
         "eval_batch_size",
         "eval_base",
         "adapter",
+        "report_to",  # where the logs go, not what is computed
     }
 )
 
@@ -57,10 +58,13 @@ class RunRecord:
     wall_time_s: float | None = None
     versions: dict[str, Any] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    # the file it was read from (set by :meth:`read`, for error messages); not written
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         details = data.pop("details")
+        data.pop("source")
         return {**data, **details}
 
     def write(self, folder: str | os.PathLike) -> Path:
@@ -71,7 +75,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "results.json") -> RunRecord:
-        names = {f.name for f in dataclasses.fields(cls)} - {"details"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"details", "source"}
         missing = [k for k in ("kind", "label", "summary") if k not in data]
         if missing or not isinstance(data.get("summary"), dict):
             raise ValueError(
@@ -88,7 +92,9 @@ class RunRecord:
         path = Path(path)
         if path.is_dir():
             path = path / RESULTS_FILE
-        return cls.from_dict(read_results(path), str(path))
+        record = cls.from_dict(read_results(path), str(path))
+        record.source = str(path)
+        return record
 
     def defining_config(self) -> dict[str, Any]:
         """The options that change what the run computes (for refusing to average unlike runs)."""

@@ -69,52 +69,46 @@ def find_results(paths: list[str | os.PathLike]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def load_run(path: Path) -> dict[str, Any]:
-    """One results.json (a :class:`~melora.lab.records.RunRecord`), checked for the keys the report needs."""
-    run = RunRecord.read(path).to_dict()
-    run["_source"] = str(path)
-    return run
+def load_run(path: Path) -> RunRecord:
+    """One results.json as a :class:`~melora.lab.records.RunRecord` (its ``source`` names the file)."""
+    return RunRecord.read(path)
 
 
-def check_comparable(runs: list[dict[str, Any]]) -> None:
+def check_comparable(runs: list[RunRecord]) -> None:
     """Refuse to average runs that share a (kind, label) but were configured differently.
 
     Seeds, output folders, thread counts and the like may differ; anything that changes what a run
     computes (method, r, n, lr, data, epochs, ...) may not. The error names both runs and the options.
     """
-    first: dict[tuple[str, str, str | None], dict[str, Any]] = {}
+    first: dict[tuple[str, str, str | None], RunRecord] = {}
     for run in runs:
-        record = RunRecord.from_dict({k: v for k, v in run.items() if k != "_source"})
-        key = (run["kind"], run["label"], run.get("task"))
-        if key not in first:
-            first[key] = run
-            continue
-        other = RunRecord.from_dict({k: v for k, v in first[key].items() if k != "_source"})
-        mine, theirs = record.defining_config(), other.defining_config()
+        key = (run.kind, run.label, run.task)
+        other = first.setdefault(key, run)
+        mine, theirs = run.defining_config(), other.defining_config()
         differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if differ:
             shown = ", ".join(f"{k}: {theirs.get(k)!r} vs {mine.get(k)!r}" for k in differ[:4])
             raise ValueError(
-                f"{first[key].get('_source')} and {run.get('_source')} share the label {run['label']!r} but "
+                f"{other.source} and {run.source} share the label {run.label!r} but "
                 f"differ in {shown}; give them distinct --label values or report them separately."
             )
 
 
-def aggregate(runs: list[dict[str, Any]], keys: str | None = None) -> list[Group]:
+def aggregate(runs: list[RunRecord], keys: str | None = None) -> list[Group]:
     """Group runs by (kind, label, summary key); ``keys`` is a regex that selects summary keys."""
     check_comparable(runs)
     pattern = re.compile(keys) if keys else None
     groups: dict[tuple[str, str, str], Group] = {}
     for run in runs:
-        for metric, value in run["summary"].items():
+        for metric, value in run.summary.items():
             if value is None or (pattern is not None and not pattern.search(metric)):
                 continue
-            key = (run["kind"], run["label"], metric)
+            key = (run.kind, run.label, metric)
             group = groups.setdefault(key, Group(*key))
             group.values.append(float(value))
-            group.seeds.append(run.get("seed"))
-            if run.get("trainable_params") is not None:
-                group.trainable_params.append(int(run["trainable_params"]))
+            group.seeds.append(run.seed)
+            if run.trainable_params is not None:
+                group.trainable_params.append(int(run.trainable_params))
     return list(groups.values())
 
 
@@ -168,6 +162,31 @@ def markdown_tables(groups: list[Group]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def label_params_axis(ax, params: list[int]) -> None:
+    """A log x axis of trainable parameters with readable tick labels however narrow the data.
+
+    Powers of ten label the axis when at least two of them lie in view; otherwise (every point within
+    one decade, where a log axis would show no label or one) the data's own parameter counts do,
+    written in full with thousands separators, those too close to a labelled one left out.
+    """
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, numticks=6))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis="x", labelsize=8)
+    low, high = ax.get_xlim()
+    if not params or math.floor(math.log10(high)) - math.ceil(math.log10(low)) >= 1:
+        return
+    span = math.log10(high) - math.log10(low)
+    ticks: list[int] = []
+    for value in sorted(set(params)):  # at least a sixth of the axis apart, so labels do not overlap
+        if not ticks or math.log10(value) - math.log10(ticks[-1]) >= span / 6:
+            ticks.append(value)
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.0f}"))
+
+
 def plot_score_vs_params(
     groups: list[Group], path: str | os.PathLike, references: dict[str, float] | None = None
 ) -> None:
@@ -178,7 +197,6 @@ def plot_score_vs_params(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import matplotlib.ticker
 
     plotted = [g for g in groups if g.trainable_params]
     if not plotted:
@@ -195,10 +213,7 @@ def plot_score_vs_params(
             ax.errorbar(x, g.mean, yerr=g.std, fmt="o", capsize=3, color=colors[g.label], label=g.label)
         if references and metric in references:
             ax.axhline(references[metric], ls="--", color="gray")
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, numticks=6))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.tick_params(axis="x", labelsize=8)
+        label_params_axis(ax, [p for g in plotted if g.metric == metric for p in g.trainable_params])
         ax.set_title(metric, fontsize=9)
         ax.set_xlabel("trainable parameters")
         ax.grid(True, which="both", alpha=0.3)

@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
         help="also measure every configuration under torch.compile, interleaved with the eager ones "
         "(results are written as <name>-compile)",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=main)
 
 
 def render_files(results: dict[str, Any], out_dir: Path, figures_dir: Path) -> tuple[Path, Path]:
@@ -77,7 +77,8 @@ def render_files(results: dict[str, Any], out_dir: Path, figures_dir: Path) -> t
     return markdown, plot
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """``melora bench``: measure each experiment (or read its results JSON), then render it."""
     for path in args.paths:
         if args.render:
             results = json.loads(path.read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ The run folder (``--output-dir``), for every runner::
 
     results.json
     checkpoints/checkpoint-N/   Trainer checkpoints (--save-strategy epoch|steps), what --resume continues
-    adapter/                    the trained adapter (MELoRA / LoRA), or
+    adapter/                    the trained adapter (MELoRA / LoRA; a MELoRA one with its model card README.md), or
     model/                      the fully fine-tuned model (--method full)
 """
 
@@ -85,7 +85,9 @@ def run_training(
     from melora.lab.finetune.training import (
         StopAfterSteps,
         check_output_dir,
+        check_report_to,
         checkpoints_folder,
+        melora_card,
         run_checkpoint,
         save_final,
         saved_model_folder,
@@ -100,6 +102,7 @@ def run_training(
     if train.threads:
         torch.set_num_threads(train.threads)
     out = check_output_dir(train.output_dir)  # a bad path fails now, not after training
+    check_report_to(train.report_to)  # a tracker that is not installed fails now, not after loading
     parts = pieces()
     model = parts.model
     counts = parameter_counts(model)
@@ -164,7 +167,8 @@ def run_training(
     state_dict = gathered_state_dict(trainer) if save else None  # every rank: FSDP / ZeRO-3 full tensors
     if trainer.is_world_process_zero():
         if save_dir is not None:
-            save_final(model, parts.tokenizer, save_dir, state_dict)
+            card = melora_card(model, measured.summary, counts["trainable_params"])
+            save_final(model, parts.tokenizer, save_dir, state_dict, card=card)
         record.write(out)
     return record.to_dict()
 

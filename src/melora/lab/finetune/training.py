@@ -1,6 +1,7 @@
 """What both runners do around the HF ``Trainer``: its arguments, checkpoints, the final atomic save.
 
 - :func:`check_output_dir`: the output folder exists and is writable, checked before any training;
+- :func:`check_report_to`: every tracker of ``--report-to`` is installed, checked before any loading;
 - :func:`training_arguments`: ``TrainArgs`` -> ``TrainingArguments`` (CPU gives gloo DDP under torchrun);
 - the run folder's layout (:func:`checkpoints_folder`, :func:`saved_model_folder`, :func:`checkpoint_folders`):
   ``<run>/checkpoints/checkpoint-N``, ``<run>/adapter/`` or (full fine-tuning) ``<run>/model/``;
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +55,43 @@ def training_arguments(train: TrainArgs, output_dir: str | os.PathLike, **overri
         "save_total_limit": 2 if train.save_strategy != "no" else None,
         "seed": train.seed,
         "data_seed": train.seed,
-        "report_to": "none",
+        "report_to": list(train.report_to),  # ["none"] or trackers (check_report_to ran first)
         "disable_tqdm": not train.progress,
         "dataloader_num_workers": 0,
         "use_cpu": not torch.cuda.is_available(),  # on CPU, torchrun then gives gloo DDP
     }
     options.update(overrides)
     return TrainingArguments(**options)
+
+
+# --report-to tracker -> the package it needs (what transformers' integrations import)
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """A :class:`UserError` naming the package to install when a tracker of ``--report-to`` is missing.
+
+    Checked before data and model load, with transformers' own availability tests, so a run does not fail
+    (or, for some trackers, silently log nowhere) after minutes of loading. TensorBoard is also served by
+    ``tensorboardX``, as in transformers.
+    """
+    from transformers.integrations import integration_utils as trackers
+
+    from melora.errors import UserError
+
+    available = {
+        "tensorboard": trackers.is_tensorboard_available,
+        "trackio": trackers.is_trackio_available,
+        "wandb": trackers.is_wandb_available,
+        "mlflow": trackers.is_mlflow_available,
+    }
+    missing = [name for name in report_to if name in available and not available[name]()]
+    if missing:
+        packages = " ".join(TRACKER_PACKAGES[name] for name in missing)
+        raise UserError(
+            f"--report-to {' '.join(missing)}: not installed; install it with `pip install {packages}` "
+            "or drop it from --report-to (--report-to none logs to no tracker)."
+        )
 
 
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
@@ -182,11 +214,13 @@ def save_final(
     tokenizer: Any,
     folder: str | os.PathLike,
     state_dict: dict[str, torch.Tensor] | None = None,
+    card: Callable[[Path], Any] | None = None,
 ) -> Path:
     """The adapter (PeftModel) or the whole model, with the tokenizer, written atomically to ``folder``.
 
     ``state_dict``: the gathered full state dict of a sharded model (``sharding.gathered_state_dict``);
-    without it the model's own (unsharded) tensors are saved.
+    without it the model's own (unsharded) tensors are saved. ``card(folder)`` writes the model card into
+    the folder before it is moved into place (replacing PEFT's template README.md).
     """
     from melora.adapter_folder import atomic_directory
 
@@ -194,7 +228,24 @@ def save_final(
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if card is not None:
+            card(Path(tmp))
     return Path(folder)
+
+
+def melora_card(model: torch.nn.Module, summary: dict[str, float], trainable_params: int):
+    """``card`` for :func:`save_final`: a MELoRA adapter's model card with the run's summary scores.
+
+    None when ``model`` carries no MELoRA adapter (LoRA runs keep PEFT's card; full fine-tuning has none).
+    """
+    from melora.model_card import write_model_card
+
+    configs = getattr(model, "peft_config", None) or {}
+    config = configs.get(getattr(model, "active_adapter", "default"))
+    if config is None or str(getattr(config, "peft_type", "")).upper().rsplit(".", 1)[-1] != "MELORA":
+        return None
+    base = config.base_model_name_or_path or "the base model"
+    return lambda folder: write_model_card(folder, config, base, trainable_params, summary)
 
 
 def trainable_checksum(model: torch.nn.Module) -> float:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from melora.lab.study.plan import Plan, lr_text
+from melora.lab.study.results import per_seed
 from melora.lab.study.spec import StudySpec
 
 
@@ -41,8 +42,6 @@ def ablation_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
 
     Only tasks where >= 2 values of n have finished: a task the ablation does not cover is left out.
     """
-    from melora.lab.study.render import per_seed
-
     rows = []
     for task in spec.tasks:
         metric = spec.metric_for(task)
@@ -51,7 +50,7 @@ def ablation_rows(spec: StudySpec, plan: Plan) -> list[dict[str, Any]]:
                 lr, score = _tuning_score(plan, task, entry.slug)
                 if score is None:
                     continue
-                seeds = per_seed(spec, plan, task, entry.slug, metric)
+                seeds = per_seed(plan, task, entry.slug, metric)
                 rows.append({"task": task, "metric": metric, "r": r, "n": entry.adapter.n,
                              "slug": entry.slug, "lr": lr, "score": score,
                              "seeds": {str(s): v for s, v in sorted(seeds.items())}})  # fmt: skip

@@ -1,12 +1,15 @@
 """``melora study STUDY.yaml``: plan a study's runs, run what is missing in parallel, then report.
 
 Each run is a ``melora glue|instruct --config <run>/run.yaml`` subprocess (its log in
-``<run>/run.log``), with ``threads_per_worker`` torch threads; ``workers`` of them run at once.
+``<run>/run.log``), with ``threads_per_worker`` torch threads; ``workers`` of them run at once. An
+evaluation is a ``melora eval --config <run>/eval/eval.yaml`` subprocess (the study's ``eval.extra``
+flags after it), the untuned model's ``melora eval --config <root>/<task>/base/eval/eval.yaml``.
 A run's results.json is written atomically at its end, so a study killed at any point resumes by
 running the same command again: finished runs are skipped, and an unfinished one continues from its
-last complete epoch checkpoint (``save_strategy: epoch`` unless the study sets another; resumed only
-when its ``run.yaml`` still matches the study, otherwise it starts over). A run's checkpoints are
-deleted once it has finished. A finished run whose evaluation is still due but whose adapter is gone
+last complete epoch checkpoint in ``<run>/checkpoints/`` (``save_strategy: epoch`` unless the study
+sets another; resumed only when its ``run.yaml`` still matches the study, otherwise it starts over;
+a GLUE run from before both runners shared that layout keeps them in the run folder itself, found
+too). A run's checkpoints are deleted once it has finished. A finished run whose evaluation is still due but whose adapter is gone
 (a fresh clone: git keeps results.json, not adapters) is trained again first.
 After the last run (and with ``--report-only`` at any time) the report, its JSON and figures are
 written to ``<root>/report.md``, ``<root>/summary.json`` and ``<root>/figures/``.
@@ -58,6 +61,8 @@ from melora.lab.study.spec import StudySpec, load_study
 logger = logging.getLogger(__name__)
 
 RUN_PRESET = "run.yaml"
+EVAL_PRESET = "eval.yaml"  # an evaluation's options, in its own folder (``<run>/eval``, ``<task>/base/eval``)
+BASE_LABEL = "base (untuned)"
 RUN_LOG = "run.log"
 LOCK = ".running"
 GRACE_S = 10.0  # seconds a stopped run has to exit after SIGTERM before its process group gets SIGKILL
@@ -89,11 +94,6 @@ def run_options(spec: StudySpec, job: Job) -> dict[str, Any]:
     return options
 
 
-def checkpoint_folders(folder: Path) -> list[Path]:
-    """Where the runners write Trainer checkpoints: glue into the run folder, instruct into ``checkpoints/``."""
-    return [folder, folder / "checkpoints"]
-
-
 def resumable(spec: StudySpec, job: Job) -> str | None:
     """The checkpoint an unfinished attempt of ``job`` can continue from, or None to start over.
 
@@ -103,7 +103,7 @@ def resumable(spec: StudySpec, job: Job) -> str | None:
     """
     import yaml
 
-    from melora.lab.finetune.training import last_complete_checkpoint
+    from melora.lab.finetune.training import run_checkpoint
 
     preset = job.folder / RUN_PRESET
     if job.kind != "train" or not preset.is_file():
@@ -120,29 +120,32 @@ def resumable(spec: StudySpec, job: Job) -> str | None:
 
     if defining(previous) != defining(run_options(spec, job)):
         return None
-    for folder in checkpoint_folders(job.folder):
-        checkpoint = last_complete_checkpoint(folder)
-        if checkpoint is not None:
-            return checkpoint
-    return None
+    return run_checkpoint(job.folder)
 
 
 def drop_checkpoints(job: Job) -> None:
-    """A finished run's checkpoints are no result: delete them (full fine-tuning's are ~300 MB each)."""
+    """A finished run's checkpoints are no result: delete them (full fine-tuning's are ~300 MB each),
+    and ``<run>/checkpoints/`` once empty."""
+    from melora.lab.finetune.training import checkpoint_folders, checkpoints_folder
+
     for folder in checkpoint_folders(job.folder):
         if folder.is_dir():
             for path in folder.iterdir():
                 if path.is_dir() and path.name.startswith("checkpoint-"):
                     shutil.rmtree(path)
-    nested = job.folder / "checkpoints"
+    nested = checkpoints_folder(job.folder)
     if nested.is_dir() and not any(nested.iterdir()):
         nested.rmdir()
 
 
 def command_for(spec: StudySpec, job: Job) -> list[str]:
-    """The argv (after ``python -m melora.cli``) of ``job``; writes the run's preset for training runs.
+    """The argv (after ``python -m melora.cli``) of ``job``; writes its preset into the job's folder.
 
-    Evaluations (``eval`` of a run's adapter, ``base`` of the untuned model) share the study's eval flags."""
+    A training run's options go to ``<run>/run.yaml`` (:func:`run_options`). An evaluation (``eval``
+    of a run's adapter, ``base`` of the untuned model) gets an :class:`~melora.lab.eval.args.EvalArgs`
+    preset ``<run>/eval/eval.yaml`` from the study's ``eval`` section; its ``extra`` flags follow
+    ``--config`` and so override the preset."""
+    from melora.lab.eval.args import EvalArgs
     from melora.lab.yaml_files import write_yaml_atomic
 
     if job.kind == "train":
@@ -150,30 +153,19 @@ def command_for(spec: StudySpec, job: Job) -> list[str]:
         write_yaml_atomic(preset, run_options(spec, job))
         return [spec.runner, "--config", str(preset)]
     ev = spec.eval
-    model = {**spec.base, **spec.tasks[job.task]}.get("model", "smollm2")
-    argv = ["eval", "--model", str(model)]
-    if job.kind == "eval":  # a run's adapter; "base" evaluates the untuned model
-        argv += ["--adapter", str(job.folder.parent)]
-    else:
-        argv += ["--label", "base (untuned)"]
-    argv += [
-        "--tasks",
-        ",".join(ev.tasks),
-        "--batch-size",
-        str(ev.batch_size),
-        "--output-dir",
-        str(job.folder),
-    ]
-    if ev.limit is not None:
-        limit = (
-            ev.limit if not isinstance(ev.limit, dict) else ",".join(f"{k}={v}" for k, v in ev.limit.items())
-        )
-        argv += ["--limit", str(limit)]
-    if ev.data_dir:
-        argv += ["--data-dir", ev.data_dir]
-    if ev.allow_code_execution:
-        argv += ["--allow-code-execution"]
-    return argv + list(ev.extra)
+    options = EvalArgs(
+        model=str({**spec.base, **spec.tasks[job.task]}.get("model", "smollm2")),
+        adapter=str(job.folder.parent) if job.kind == "eval" else None,  # "base": the untuned model
+        tasks=list(ev.tasks),
+        data_dir=ev.data_dir,
+        limit=ev.limit,
+        batch_size=ev.batch_size,
+        allow_code_execution=ev.allow_code_execution,
+        output_dir=str(job.folder),
+        label=BASE_LABEL if job.kind == "base" else None,  # a run's evaluation takes the run's label
+    )
+    preset = options.to_preset(job.folder / EVAL_PRESET)
+    return ["eval", "--config", str(preset), *ev.extra]
 
 
 # ---- run locks -----------------------------------------------------------------------------------------
@@ -592,13 +584,14 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
         else:
             state = "to run"
         lines.append(f"{state:22s} {job.name}")
-    from melora.lab.study.learning import time_to_go, wall_times
+    from melora.lab.study.cost import duration_text, time_to_go
+    from melora.lab.study.results import wall_times
 
     togo = time_to_go(wall_times(plan), plan.pending(is_done))
     if togo and togo["runs"]:
         lines.append(
-            f"{togo['runs']} runs to go: about {togo['run_hours']:.1f} run-hours, "
-            f"{togo['run_hours'] / spec.workers:.1f} h on {spec.workers} workers "
+            f"{togo['runs']} runs to go: {duration_text(togo['run_hours'])} of run time, "
+            f"{duration_text(togo['run_hours'] / spec.workers)} on {spec.workers} workers "
             "(at the mean wall time of finished runs of the same task and method kind)"
         )
     waiting = [f"{t}/{s}" for (t, s) in plan.sweeps if (t, s) not in plan.chosen]

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from melora.lab.study.plan import Job, Plan
+from melora.lab.records import RunRecord
 from melora.lab.study.spec import StudySpec
 
 CORRELATIONS = ("mcc", "pearson", "spearman")
@@ -37,22 +37,25 @@ def _metric_name(spec: StudySpec, task: str) -> str:
     return key.removesuffix("_best").removesuffix("_last")
 
 
-def learning_rows(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (task, method) at the chosen lr: mean, worst seed, baseline, margin and whether it learns."""
+def learning_rows(spec: StudySpec, runs: list[RunRecord]) -> list[dict[str, Any]]:
+    """Per (task, method) over ``runs`` (those at the chosen lr): mean, worst seed, baseline, margin and
+    whether it learns."""
     rows = []
     for task in spec.tasks:
         name = _metric_name(spec, task)
         for entry in spec.methods:
-            mine = [r for r in runs if r.get("task") == task and r.get("slug") == entry.slug]
+            mine = [r for r in runs if r.task == task and r.slug == entry.slug]
             if not mine:
                 continue
-            scores = [float(r["summary"][spec.metric_for(task)]) for r in mine]
+            scores = [float(r.summary[spec.metric_for(task)]) for r in mine]
             # the same for every run of a task; runs written before a field existed may lack it
             baseline = next(
-                (float(r["trivial_baseline"][name]) for r in mine if name in r.get("trivial_baseline", {})),
+                (float(r.details["trivial_baseline"][name]) for r in mine
+                 if name in r.details.get("trivial_baseline", {})),
                 math.nan,
-            )
-            num_eval = next((r["num_eval_examples"] for r in mine if r.get("num_eval_examples")), None)
+            )  # fmt: skip
+            num_eval = next((r.details["num_eval_examples"] for r in mine if r.details.get("num_eval_examples")),
+                            None)  # fmt: skip
             margin = (
                 clear_margin(name, baseline, int(num_eval)) if num_eval and not math.isnan(baseline) else None
             )
@@ -89,11 +92,12 @@ def learning_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]], path: Path) -> bool:
-    """Dev metric per epoch of each method's chosen run at the tuning seed, the baseline dashed."""
+def plot_learning_curves(spec: StudySpec, runs: list[RunRecord], path: Path) -> bool:
+    """Dev metric per epoch of each method's chosen run at the tuning seed, the baseline dashed;
+    False (nothing written) when no run recorded its epochs."""
     from melora.lab.study.figures import label_panel, save, task_panels
 
-    tasks = [t for t in spec.tasks if any(r.get("task") == t and r.get("epochs") for r in runs)]
+    tasks = [t for t in spec.tasks if any(r.task == t and r.details.get("epochs") for r in runs)]
     if not tasks:
         return False
     fig, axes = task_panels(len(tasks))
@@ -102,67 +106,16 @@ def plot_learning_curves(spec: StudySpec, plan: Plan, runs: list[dict[str, Any]]
         baseline = None
         for entry in spec.methods:
             mine = sorted(
-                (
-                    r
-                    for r in runs
-                    if r.get("task") == task and r.get("slug") == entry.slug and r.get("epochs")
-                ),
-                key=lambda r: (r.get("seed") != spec.tune.seed, r.get("seed")),
+                (r for r in runs if r.task == task and r.slug == entry.slug and r.details.get("epochs")),
+                key=lambda r: (r.seed != spec.tune.seed, r.seed),
             )
             if not mine:
                 continue
-            curve = [(e["epoch"], e[name]) for e in mine[0]["epochs"] if name in e]
+            curve = [(e["epoch"], e[name]) for e in mine[0].details["epochs"] if name in e]
             ax.plot(*zip(*curve), marker=".", label=entry.label)
-            baseline = mine[0].get("trivial_baseline", {}).get(name, baseline)
+            baseline = mine[0].details.get("trivial_baseline", {}).get(name, baseline)
         if baseline is not None:
             ax.axhline(baseline, color="gray", linestyle="--", linewidth=1, label="trivial baseline")
         label_panel(ax, f"{task}: dev {name}", "epoch")
     save(fig, path)
     return True
-
-
-def wall_times(plan: Plan) -> dict[Job, float]:
-    """Each finished job's wall time in seconds (0 where it was not recorded), read once for the report."""
-    import json
-
-    times = {}
-    for job in plan.jobs:
-        if job.results.is_file():
-            data = json.loads(job.results.read_text(encoding="utf-8"))
-            times[job] = float(data.get("wall_time_s") or 0.0)
-    return times
-
-
-def compute_spent(times: dict[Job, float]) -> dict[str, float]:
-    """Runs finished and their summed wall time (each run used ``threads_per_worker`` cores)."""
-    return {"runs": len(times), "run_hours": sum(times.values()) / 3600}
-
-
-# How alike two jobs are, most alike first: a pending job is priced at the mean of the finished jobs
-# that share its key at the first level that has any (full fine-tuning costs more than an adapter; an
-# evaluation is not a training run).
-_LIKENESS = (
-    lambda job: (job.kind, job.task, job.slug.split("-")[0]),
-    lambda job: (job.kind, job.task),
-    lambda job: job.kind == "train",  # an evaluation of the untuned model costs what one of a run does
-    lambda job: None,
-)
-
-
-def time_to_go(times: dict[Job, float], pending: list[Job]) -> dict[str, float] | None:
-    """Run-hours the ``pending`` jobs will take, at the mean wall time of finished jobs like them.
-
-    ``times`` is :func:`wall_times`; None before any finished job has a recorded wall time.
-    Only known jobs count: a sweep still being tuned may add runs.
-    """
-    measured = {job: t for job, t in times.items() if t > 0}
-    if not measured:
-        return None
-    means = []
-    for key in _LIKENESS:
-        groups: dict[Any, list[float]] = {}
-        for job, t in measured.items():
-            groups.setdefault(key(job), []).append(t)
-        means.append({k: sum(v) / len(v) for k, v in groups.items()})
-    seconds = sum(next(m[key(job)] for key, m in zip(_LIKENESS, means) if key(job) in m) for job in pending)
-    return {"runs": len(pending), "run_hours": seconds / 3600}

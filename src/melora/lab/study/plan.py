@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melora.lab.args import UserError
-from melora.lab.records import RESULTS_FILE, read_results
+from melora.lab.records import RESULTS_FILE
+from melora.lab.study.results import finished, read_metric, read_run
 from melora.lab.study.spec import MethodEntry, StudySpec
 
 
@@ -88,42 +88,13 @@ def run_folder(spec: StudySpec, task: str, entry: MethodEntry, lr: float, seed: 
     return spec.root / task / entry.slug / f"lr{lr_text(lr)}" / f"seed{seed}"
 
 
-def read_metric(path: Path, metric: str) -> float | None:
-    """``summary[metric]`` of a finished results.json, or None when absent or unfinished.
-
-    A damaged results.json (not UTF-8 JSON holding an object, or a non-number metric) is a UserError
-    naming the file: the study stops there instead of guessing whether that run finished."""
-    if not path.is_file():
-        return None
-    data = read_results(path)
-    if data.get("kind") == "eval" and not data.get("complete", True):
-        return None
-    summary = data.get("summary", {})
-    if not isinstance(summary, dict):
-        raise UserError(
-            f"{path}: summary is a {type(summary).__name__}, not a mapping; it is damaged: delete it and rerun."
-        )
-    value = summary.get(metric)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UserError(
-            f"{path}: summary[{metric!r}] = {value!r} is not a number; it is damaged: delete it and rerun."
-        ) from None
-
-
 def is_done(job: Job) -> bool:
     """Whether ``job`` has a finished results.json (an evaluation's also says ``complete``).
 
-    The file is read, so a damaged one stops the study with a UserError naming it (see read_results)."""
-    if not job.results.is_file():
-        return False
-    data = read_results(job.results)
-    if job.kind in ("eval", "base"):
-        return bool(data.get("complete", True))
-    return True
+    The file is read, so a damaged one stops the study with a UserError naming it (see
+    :func:`~melora.lab.study.results.read_run`)."""
+    record = read_run(job.results)
+    return record is not None and finished(record)
 
 
 def _best(scores: dict[float, float], lower: bool) -> float:

@@ -1,70 +1,44 @@
 """A finished (or partly finished) study as tables, paired comparisons and plots.
 
-The tables and the score-vs-parameters plot come from :mod:`melora.lab.report` (the same code as
-``melora report``), over the runs at each method's chosen learning rate. Added here: the
-learning-rate sweep per task and method with the chosen point marked, the paired per-seed
-comparisons with 95% intervals and a verdict sentence each, and the n ablation's table and plot when
-the study has one (:mod:`melora.lab.study.ablation`); for GLUE studies, each method against its task's
-trivial baseline and the learning curves (:mod:`melora.lab.study.learning`).
+The report is a sequence of sections (:data:`SECTIONS`), each one function of the study and its plan
+that returns its markdown lines and its part of the JSON summary (and writes its figures under
+``<root>/figures``); :func:`render_study` joins them. In order:
+
+- :func:`header_section`: what ran, the compute spent and the time to go;
+- :func:`scores_section`: the scores at each method's chosen learning rate, with the tables and the
+  score-vs-parameters plot of :mod:`melora.lab.report` (the same code as ``melora report``);
+- :func:`untuned_section`: the untuned model's held-out loss (instruct studies);
+- :func:`learning_section`: each method against its task's trivial baseline and the learning curves
+  (GLUE studies, :mod:`melora.lab.study.learning`);
+- :func:`sweeps_section`: the learning-rate sweep per task and method, the chosen point marked;
+- :func:`ablation_section`: the n ablation's table and plot when the study has one
+  (:mod:`melora.lab.study.ablation`);
+- :func:`comparisons_section`: the paired per-seed comparisons with 95% intervals and a verdict each;
+- :func:`evaluations_section`: the evaluations of the chosen runs and of the untuned model.
+
+Every results.json is read through :mod:`melora.lab.study.results`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from melora.lab.report import aggregate, cell_text, load_run, plot_score_vs_params
+from melora.lab.report import aggregate, cell_text, markdown_tables, plot_score_vs_params
 from melora.lab.study.ablation import ablation_rows, ablation_table, plot_n_ablation
-from melora.lab.study.plan import Plan, is_done, lr_text, read_metric
+from melora.lab.study.cost import compute_spent, duration_text, time_to_go
+from melora.lab.study.plan import Plan, is_done, lr_text
+from melora.lab.study.results import base_heldout_loss, base_runs, chosen_runs, per_seed, wall_times
 from melora.lab.study.spec import StudySpec
 from melora.lab.study.stats import paired_difference
 
+FIGURES = "figures"  # the figures' folder under the study's root, where the report links them
 
-def chosen_runs(spec: StudySpec, plan: Plan, kind: str = "train") -> list[dict[str, Any]]:
-    """The results of every finished run at its method's chosen learning rate."""
-    runs = []
-    for job in plan.jobs:
-        if job.kind == kind and plan.chosen.get((job.task, job.slug)) == job.lr and job.results.is_file():
-            runs.append(load_run(job.results))
-    return runs
-
-
-def base_runs(plan: Plan) -> list[dict[str, Any]]:
-    """The finished evaluations of the untuned model (``eval.base``), one per task."""
-    return [load_run(job.results) for job in plan.jobs if job.kind == "base" and is_done(job)]
-
-
-def base_heldout_loss(plan: Plan) -> dict[str, Any] | None:
-    """The untuned model's held-out loss per seed, as the instruct runs that measured it (``eval_base``) found it.
-
-    Every run holds out the same examples (``data_seed``), but the Trainer's evaluation loss is a mean
-    of per-batch means, and with ``group_by_length`` the held-out batches are grouped by a sampler
-    seeded with the run's seed: the level is per seed, and runs of one seed see the same batches.
-    Returns ``{"by_seed": {seed: loss}, "mean": mean over seeds}``.
-    """
-    by_seed: dict[int, float] = {}
-    for job in plan.jobs:
-        if job.kind == "train" and job.results.is_file():
-            value = load_run(job.results).get("heldout_loss_base")
-            if value is not None:
-                by_seed.setdefault(job.seed, float(value))
-    if not by_seed:
-        return None
-    return {"by_seed": dict(sorted(by_seed.items())), "mean": sum(by_seed.values()) / len(by_seed)}
-
-
-def per_seed(
-    spec: StudySpec, plan: Plan, task: str, slug: str, metric: str, kind: str = "train"
-) -> dict[int, float]:
-    out = {}
-    for job in plan.jobs:
-        if (job.kind, job.task, job.slug) == (kind, task, slug) and plan.chosen.get((task, slug)) == job.lr:
-            value = read_metric(job.results, metric)
-            if value is not None:
-                out[job.seed] = value
-    return out
+# A section's markdown lines and its part of the JSON summary.
+Section = tuple[list[str], dict[str, Any]]
 
 
 def _fmt(value: float | None) -> str:
@@ -103,10 +77,10 @@ def comparisons(spec: StudySpec, plan: Plan, kind: str = "train") -> list[dict[s
         for task in spec.tasks:
             metrics = [spec.metric_for(task)]
             if kind == "eval":
-                metrics = sorted({m for r in chosen_runs(spec, plan, "eval") for m in r["summary"]})
+                metrics = sorted({m for r in chosen_runs(plan, "eval") for m in r.summary})
             for metric in metrics:
                 paired = paired_difference(
-                    per_seed(spec, plan, task, a, metric, kind), per_seed(spec, plan, task, b, metric, kind)
+                    per_seed(plan, task, a, metric, kind), per_seed(plan, task, b, metric, kind)
                 )
                 if paired is None:
                     continue
@@ -174,92 +148,147 @@ def plot_sweeps(spec: StudySpec, plan: Plan, path: Path) -> None:
     save(fig, path)
 
 
-def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
-    """The study report (markdown) and its JSON summary; figures are written under ``<root>/figures``."""
-    from melora.lab.report import markdown_tables
-
-    figures = spec.root / "figures"
-    from melora.lab.study.learning import compute_spent, time_to_go, wall_times
-
+def header_section(spec: StudySpec, plan: Plan) -> Section:
+    """The title; the study file, the runs finished and their run-hours, and the time the known runs to go will take."""
     times = wall_times(plan)
     spent = compute_spent(times)
     togo = time_to_go(times, plan.pending(is_done))
     ahead = (
-        f" {togo['runs']} known runs to go, about {togo['run_hours']:.1f} run-hours at the measured run times."
+        f" {togo['runs']} known runs to go, {duration_text(togo['run_hours'])} of run time at the measured "
+        "run times."
         if togo and togo["runs"]
         else ""
     )
-    sections = [
+    lines = [
         f"# Study {spec.name}",
         "",
         f"Study file: `{spec.source}`; runs under `{spec.root}`. {spent['runs']} runs finished, "
         f"{spent['run_hours']:.1f} run-hours ({spec.workers} workers x {spec.threads_per_worker} threads).{ahead}",
         "",
     ]
-    runs = chosen_runs(spec, plan)
-    base_loss = base_heldout_loss(plan) if spec.runner == "instruct" else None
-    summary: dict[str, Any] = {
-        "study": spec.name,
-        "chosen_lr": {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()},
-        "compute": spent,
-        "to_go": togo,
-    }
-    if runs:
-        metric_keys = "|".join(sorted({re.escape(spec.metric_for(t)) for t in spec.tasks}))
-        groups = aggregate(runs, keys=f"^({metric_keys})$")
-        sections += ["## Scores at each method's chosen learning rate", "", markdown_tables(groups)]
-        reference = {"instruct/heldout_loss": base_loss["mean"]} if base_loss else None
-        plot_score_vs_params(groups, figures / "score_vs_params.png", reference)
-        sections += ["![score vs trainable parameters](figures/score_vs_params.png)", ""]
-        summary["groups"] = [
-            {"label": g.label, "metric": g.metric, "mean": g.mean, "std": g.std, "n": len(g.values),
-             "cell": cell_text(g)} for g in groups
-        ]  # fmt: skip
-    if base_loss is not None:
-        seeds = ", ".join(f"{v:.4f} (seed {k})" for k, v in base_loss["by_seed"].items())
-        sections += [
-            f"Untuned model (the reference every run should beat): held-out loss {seeds}, measured before "
-            "training on the same held-out batches as that seed's runs.",
-            "",
-        ]
-        summary["base_heldout_loss"] = base_loss
-    if runs and spec.runner == "glue":
-        from melora.lab.study.learning import learning_rows, learning_table, plot_learning_curves
+    chosen = {f"{t}/{s}": lr for (t, s), lr in plan.chosen.items()}
+    return lines, {"study": spec.name, "chosen_lr": chosen, "compute": spent, "to_go": togo}
 
-        learned = learning_rows(spec, plan, runs)
-        sections += ["## Does every method learn? (each seed against the trivial baseline)", ""]
-        sections += [learning_table(learned), ""]
-        if plot_learning_curves(spec, plan, runs, figures / "learning_curves.png"):
-            sections += ["![dev metric per epoch](figures/learning_curves.png)", ""]
-        summary["learning"] = learned
-    if plan.sweeps:
-        sections += ["## Learning-rate sweeps (chosen point in bold)", "", sweep_table(spec, plan), ""]
-        plot_sweeps(spec, plan, figures / "lr_sweeps.png")
-        sections += ["![learning-rate sweeps](figures/lr_sweeps.png)", ""]
-    ablation = ablation_rows(spec, plan)
-    if ablation:
-        sections += ["## The n ablation (same r, n varied)", "", ablation_table(spec, ablation), ""]
-        if plot_n_ablation(spec, plan, ablation, figures / "n_ablation.png"):
-            sections += ["![score vs n](figures/n_ablation.png)", ""]
-        summary["n_ablation"] = ablation
+
+def scores_section(spec: StudySpec, plan: Plan) -> Section:
+    """Mean ± std of each task's metric at each method's chosen lr, and the score-vs-parameters plot
+    (an instruct study's untuned held-out loss dashed in it)."""
+    runs = chosen_runs(plan)
+    if not runs:
+        return [], {}
+    metric_keys = "|".join(sorted({re.escape(spec.metric_for(t)) for t in spec.tasks}))
+    groups = aggregate(runs, keys=f"^({metric_keys})$")
+    base_loss = base_heldout_loss(plan) if spec.runner == "instruct" else None
+    reference = {"instruct/heldout_loss": base_loss["mean"]} if base_loss else None
+    plot_score_vs_params(groups, spec.root / FIGURES / "score_vs_params.png", reference)
+    lines = ["## Scores at each method's chosen learning rate", "", markdown_tables(groups)]
+    lines += [f"![score vs trainable parameters]({FIGURES}/score_vs_params.png)", ""]
+    rows = [{"label": g.label, "metric": g.metric, "mean": g.mean, "std": g.std, "n": len(g.values),
+             "cell": cell_text(g)} for g in groups]  # fmt: skip
+    return lines, {"groups": rows}
+
+
+def untuned_section(spec: StudySpec, plan: Plan) -> Section:
+    """The untuned model's held-out loss per seed (instruct runs with ``eval_base``): the reference to beat."""
+    base_loss = base_heldout_loss(plan) if spec.runner == "instruct" else None
+    if base_loss is None:
+        return [], {}
+    seeds = ", ".join(f"{v:.4f} (seed {k})" for k, v in base_loss["by_seed"].items())
+    lines = [
+        f"Untuned model (the reference every run should beat): held-out loss {seeds}, measured before "
+        "training on the same held-out batches as that seed's runs.",
+        "",
+    ]
+    return lines, {"base_heldout_loss": base_loss}
+
+
+def learning_section(spec: StudySpec, plan: Plan) -> Section:
+    """GLUE studies: whether each method's every seed clears its task's trivial baseline; the learning curves."""
+    from melora.lab.study.learning import learning_rows, learning_table, plot_learning_curves
+
+    runs = chosen_runs(plan) if spec.runner == "glue" else []
+    if not runs:
+        return [], {}
+    learned = learning_rows(spec, runs)
+    lines = ["## Does every method learn? (each seed against the trivial baseline)", ""]
+    lines += [learning_table(learned), ""]
+    if plot_learning_curves(spec, runs, spec.root / FIGURES / "learning_curves.png"):
+        lines += [f"![dev metric per epoch]({FIGURES}/learning_curves.png)", ""]
+    return lines, {"learning": learned}
+
+
+def sweeps_section(spec: StudySpec, plan: Plan) -> Section:
+    """The tuning seed's score at each learning rate, the chosen one in bold, and their plot."""
+    if not plan.sweeps:
+        return [], {}
+    plot_sweeps(spec, plan, spec.root / FIGURES / "lr_sweeps.png")
+    lines = ["## Learning-rate sweeps (chosen point in bold)", "", sweep_table(spec, plan), ""]
+    return lines + [f"![learning-rate sweeps]({FIGURES}/lr_sweeps.png)", ""], {}
+
+
+def ablation_section(spec: StudySpec, plan: Plan) -> Section:
+    """The n ablation (MELoRA methods sharing r with >= 3 values of n): its table and plot."""
+    rows = ablation_rows(spec, plan)
+    if not rows:
+        return [], {}
+    lines = ["## The n ablation (same r, n varied)", "", ablation_table(spec, rows), ""]
+    if plot_n_ablation(spec, plan, rows, spec.root / FIGURES / "n_ablation.png"):
+        lines += [f"![score vs n]({FIGURES}/n_ablation.png)", ""]
+    return lines, {"n_ablation": rows}
+
+
+def comparisons_section(spec: StudySpec, plan: Plan) -> Section:
+    """Each ``compare`` pair on each task over the seeds both ran: the table and one verdict sentence each."""
     rows = comparisons(spec, plan)
+    if not rows:
+        return [], {}
+    lines = ["## Paired comparisons (same seeds)", "", comparison_table(spec, rows), ""]
+    lines += ["Verdicts:", "", *verdict_lines(spec, rows), ""]
+    summary = [
+        {**{k: v for k, v in row.items() if k != "paired"}, "mean": row["paired"].mean,
+         "low": row["paired"].low, "high": row["paired"].high, "seeds": list(row["paired"].seeds),
+         "differences": list(row["paired"].differences)} for row in rows
+    ]  # fmt: skip
+    return lines, {"comparisons": summary}
+
+
+def evaluations_section(spec: StudySpec, plan: Plan) -> Section:
+    """Instruct studies with ``eval``: the chosen runs' evaluations (and the untuned model's) as a table,
+    a plot against trainable parameters with the untuned model dashed, and the paired comparisons."""
+    evals = chosen_runs(plan, "eval") if spec.eval is not None else []
+    if not evals:
+        return [], {}
+    base = base_runs(plan)
+    title = "## Evaluations of the chosen runs" + (" and of the untuned model" if base else "")
+    lines = [title, "", markdown_tables(aggregate(evals + base)), ""]
+    reference = {k: float(v) for k, v in base[0].summary.items()} if base else None
+    plot_score_vs_params(aggregate(evals), spec.root / FIGURES / "evals_vs_params.png", reference)
+    lines += [f"![evaluations vs trainable parameters]({FIGURES}/evals_vs_params.png)", ""]
+    rows = comparisons(spec, plan, "eval")
     if rows:
-        sections += ["## Paired comparisons (same seeds)", "", comparison_table(spec, rows), ""]
-        sections += ["Verdicts:", "", *verdict_lines(spec, rows), ""]
-        summary["comparisons"] = [
-            {**{k: v for k, v in row.items() if k != "paired"}, "mean": row["paired"].mean,
-             "low": row["paired"].low, "high": row["paired"].high, "seeds": list(row["paired"].seeds),
-             "differences": list(row["paired"].differences)} for row in rows
-        ]  # fmt: skip
-    if spec.eval is not None:
-        evals, base = chosen_runs(spec, plan, "eval"), base_runs(plan)
-        if evals:
-            title = "## Evaluations of the chosen runs" + (" and of the untuned model" if base else "")
-            sections += [title, "", markdown_tables(aggregate(evals + base)), ""]
-            reference = {k: float(v) for k, v in base[0]["summary"].items()} if base else None
-            plot_score_vs_params(aggregate(evals), figures / "evals_vs_params.png", reference)
-            sections += ["![evaluations vs trainable parameters](figures/evals_vs_params.png)", ""]
-            eval_rows = comparisons(spec, plan, "eval")
-            if eval_rows:
-                sections += ["Paired, on the evaluations:", "", comparison_table(spec, eval_rows), ""]
-    return "\n".join(sections), summary
+        lines += ["Paired, on the evaluations:", "", comparison_table(spec, rows), ""]
+    return lines, {}
+
+
+SECTIONS: tuple[Callable[[StudySpec, Plan], Section], ...] = (
+    header_section,
+    scores_section,
+    untuned_section,
+    learning_section,
+    sweeps_section,
+    ablation_section,
+    comparisons_section,
+    evaluations_section,
+)
+
+
+def render_study(spec: StudySpec, plan: Plan) -> tuple[str, dict[str, Any]]:
+    """The study report (markdown) and its JSON summary: :data:`SECTIONS` in order; figures are
+    written under ``<root>/figures``."""
+    lines: list[str] = []
+    summary: dict[str, Any] = {}
+    for section in SECTIONS:
+        text, part = section(spec, plan)
+        lines += text
+        summary.update(part)
+    return "\n".join(lines), summary
