@@ -201,6 +201,13 @@ def test_tiny_run_writes_results_and_adapter(tiny, tmp_path, method, rank):
     head = 64 * 2 + 2 + 64 * 64 + 64
     expected = 2 * 2 * (8 * 1 * (8 + 8) if method == "melora" else 8 * (64 + 64))  # layers x (q, v) x factors
     assert (results["adapter_params"], results["trainable_params"]) == (expected, expected + head)
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    if method == "melora":  # the MELoRA card with the run's scores, not PEFT's template
+        assert "equivalent rank n*r | 8 |" in card and "melora export-lora" in card
+        assert f"| rte/accuracy_best | {results['summary']['rte/accuracy_best']:.4f} |" in card
+        assert f"| adapter parameters (trainable) | {expected + head:,} |" in card
+    else:
+        assert "MELoRA" not in card
 
 
 @pytest.mark.slow

@@ -133,6 +133,11 @@ def test_tiny_end_to_end_run(tmp_path, tiny_model_dir, alpaca_file, flags, label
     assert results["versions"]["torch"] == torch.__version__
     reloaded = AutoPeftModelForCausalLM.from_pretrained(out / "adapter")
     assert reloaded.peft_config["default"].r == (1 if flags[1] == "melora" else 4)
+    card = (out / "adapter" / "README.md").read_text()
+    assert ("melora export-lora" in card) == (flags[1] == "melora")  # MELoRA's card; LoRA keeps PEFT's
+    if flags[1] == "melora":
+        assert f"base_model: {json.dumps(str(tiny_model_dir))}" in card  # a local base stays as given
+        assert f"| instruct/heldout_loss | {results['summary']['instruct/heldout_loss']:.4f} |" in card
 
 
 def test_tiny_full_finetune_with_packing_and_chat_template(tmp_path, tiny_model_dir, alpaca_file):
