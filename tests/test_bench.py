@@ -253,3 +253,101 @@ def test_random_models_keep_their_widths_and_reject_unknown_names() -> None:
     assert model.model.layers[0].self_attn.v_proj.weight.shape == (192, 576)  # GQA: 3 kv heads x 64
     with pytest.raises(ValueError, match="the random models are"):
         random_model("gpt-random")
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    from melora.lab.bench import runner
+
+    parser = argparse.ArgumentParser(prog="melora")
+    runner.add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", *argv])
+
+
+def _repository_outputs() -> dict[str, float]:
+    """Every file under the committed results and figures folders, with its modification time."""
+    folders = (REPO / "benchmarks" / "results", REPO / "docs" / "figures")
+    return {str(p): p.stat().st_mtime_ns for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def test_quick_run_writes_into_its_own_folder_never_the_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    experiment = tmp_path / "tiny.yaml"
+    experiment.write_text(
+        "name: tiny\nlevel: layer\nshapes: {d: [16], tokens: [8]}\nmelora: [{r: [1], n: [2]}]\n"
+        "baselines: [lora_same_params, lora_same_rank, base]\nrepeats: 1\nwarmup: 0\nthreads: 1\n"
+        "memory: false\n"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the defaults are relative to the current folder, as for a user
+    before = _repository_outputs()
+    args = _bench_args("--quick", str(experiment))
+    assert args.func(args) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["bench-tiny-quick"]  # no benchmarks/, no docs/
+    folder = work / "bench-tiny-quick"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "bench_tiny-quick.png",
+        "tiny-quick.json",
+        "tiny-quick.md",
+    ]
+    assert capsys.readouterr().out.rstrip().endswith("results in bench-tiny-quick/")
+    markdown = (folder / "tiny-quick.md").read_text()
+    assert "**Toy size, the targets are not meaningful here**" in markdown
+    assert "layer d=16 T=8: d = 16 < 768, T = 8 < 512" in markdown
+    assert "**no**" not in markdown  # a miss at toy size reads "no (toy size: not meaningful)"
+    # an explicit --output-dir takes the JSON, the markdown and the plot
+    args = _bench_args("--quick", str(experiment), "--output-dir", str(tmp_path / "out"))
+    assert args.func(args) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in folder.iterdir())
+    assert sorted(p.name for p in work.iterdir()) == ["bench-tiny-quick"]
+    assert _repository_outputs() == before
+
+
+def test_benchmark_configs_still_write_the_committed_results_and_figures() -> None:
+    from melora.lab.bench.runner import output_dirs
+
+    results, figures = Path("benchmarks/results"), Path("docs/figures")
+    for config in sorted((REPO / "benchmarks").glob("*.yaml")):
+        command = config.read_text().splitlines()[0].removeprefix("# ").split()
+        assert command[:2] == ["melora", "bench"], config
+        args = _bench_args(*command[2:])
+        label = experiment_from_dict(read_yaml(REPO / command[-1])).name
+        expected = (Path(f"bench-{label}"),) * 2 if args.quick else (results, figures)
+        assert output_dirs(args, label) == expected, config
+    assert output_dirs(_bench_args("x.yaml", "--output-dir", "o"), "x") == (Path("o"), Path("o"))
+    assert output_dirs(_bench_args("x.yaml", "--output-dir", "o", "--figures-dir", "f"), "x") == (
+        Path("o"),
+        Path("f"),
+    )
+    assert output_dirs(_bench_args("--render", "benchmarks/results/layer.json"), "layer") == (
+        results,
+        figures,
+    )
+
+
+def test_misses_at_toy_sizes_are_marked_not_meaningful() -> None:
+    from melora.lab.bench.analysis import toy_cases, toy_size
+    from melora.lab.bench.render import targets_table
+
+    assert toy_size({"d": 768, "tokens": 512, "d_out": None}) is None
+    assert toy_size({"d": 4096, "tokens": 4096, "d_out": 11008}) is None
+    assert toy_size({"d": 4096, "tokens": 128, "d_out": 256}) == "d = 256 < 768, T = 128 < 512"
+    assert toy_size({"model": "minilm", "batch": 16, "seq_len": 128, "layers": None}) is None
+    assert toy_size({"model": "smollm2-random", "batch": 2, "seq_len": 32, "layers": 2}) == (
+        "cut to 2 layers, 2 x 32 = 64 tokens < 1024"
+    )
+    assert "tiny test model" in toy_size({"model": "tiny-bert", "batch": 16, "seq_len": 128})
+    cases = [
+        {"case": "big", "params": {"d": 2048, "tokens": 2048}},
+        {"case": "toy", "params": {"d": 256, "tokens": 128}},
+    ]
+    toy = toy_cases(cases)
+    assert toy == {"toy": "d = 256 < 768, T = 128 < 512"}
+    targets = [
+        {"case": c, "melora": "m", "check": "x", "value": 1.2, "target": "<= 1.05", "met": met}
+        for c in ("big", "toy")
+        for met in (True, False)
+    ]
+    rows = [line.rsplit("|", 2)[1].strip() for line in targets_table(targets, toy)[2:]]
+    assert rows == ["yes", "**no**", "yes", "no (toy size: not meaningful)"]

@@ -172,3 +172,36 @@ def summary_metrics(targets: list[dict[str, Any]]) -> dict[str, float]:
         for t in targets
         if math.isfinite(t["value"])
     }
+
+
+# The sizes the targets were set for: the smallest layer of the issue's grid, and the real models'
+# end-to-end batches (SmolLM2 4 x 256 = 1024 tokens, MiniLM 16 x 128 = 2048). Below them the fixed costs
+# (kernel launches, Python, reshapes) dominate, so a ratio says nothing about the targets.
+TARGET_LAYER_D = 768
+TARGET_LAYER_TOKENS = 512
+TARGET_E2E_TOKENS = 1024
+TOY_MODELS = ("tiny-bert", "tiny-llama")
+
+
+def toy_size(params: dict[str, Any]) -> str | None:
+    """Why a case (its ``params``: a LayerShape's or ModelCase's fields) is below the sizes the targets
+    were set for, or None when it is not."""
+    if "d" in params:  # layer (and kernel) level
+        d = min(params["d"], params.get("d_out") or params["d"])
+        reasons = [f"d = {d} < {TARGET_LAYER_D}"] if d < TARGET_LAYER_D else []
+        if params["tokens"] < TARGET_LAYER_TOKENS:
+            reasons.append(f"T = {params['tokens']} < {TARGET_LAYER_TOKENS}")
+    else:  # end to end
+        tokens = params["batch"] * params["seq_len"]
+        reasons = [f"{params['model']} is a tiny test model"] if params["model"].lower() in TOY_MODELS else []
+        if params.get("layers"):
+            reasons.append(f"cut to {params['layers']} layers")
+        if tokens < TARGET_E2E_TOKENS:
+            reasons.append(f"{params['batch']} x {params['seq_len']} = {tokens} tokens < {TARGET_E2E_TOKENS}")
+    return ", ".join(reasons) or None
+
+
+def toy_cases(cases: list[dict[str, Any]]) -> dict[str, str]:
+    """``case label -> reason`` for every case of a results document below the targets' sizes."""
+    reasons = {case["case"]: toy_size(case["params"]) for case in cases if "params" in case}
+    return {label: reason for label, reason in reasons.items() if reason}

@@ -4,6 +4,11 @@ melora bench benchmarks/layer.yaml benchmarks/e2e.yaml      # measure + render
 melora bench --quick benchmarks/quick.yaml                   # CI smoke test (< 2 minutes)
 melora bench --render benchmarks/results/layer.json          # render only
 melora bench --compile benchmarks/e2e.yaml                   # eager and torch.compile, side by side
+melora bench benchmarks/layer.yaml --output-dir my-run       # JSON, markdown and plot into my-run/
+
+Where a run writes: --output-dir when given (the plot too, unless --figures-dir says otherwise); else,
+with --quick, bench-<name>/ in the current folder (toy sizes: keep them out of the committed results);
+else the repository's layout, benchmarks/results/ and docs/figures/ (run from the repository root).
 """
 
 from __future__ import annotations
@@ -21,6 +26,20 @@ from melora.lab.bench.benchmark import run_experiment
 from melora.lab.bench.config import experiment_from_dict
 from melora.lab.bench.render import render_markdown, render_plot
 from melora.lab.yaml_files import read_yaml
+
+RESULTS_DIR = Path("benchmarks/results")  # the committed results (relative to the repository root)
+FIGURES_DIR = Path("docs/figures")
+
+
+def output_dirs(args: argparse.Namespace, label: str) -> tuple[Path, Path]:
+    """(results folder, figures folder) of the experiment ``label``: see the module docstring."""
+    if args.out_dir is not None:
+        out = args.out_dir
+    elif args.quick:
+        out = Path(f"bench-{label}")
+    else:
+        return RESULTS_DIR, args.figures_dir or FIGURES_DIR
+    return out, args.figures_dir or out
 
 
 def add_parser(subparsers) -> None:
@@ -40,10 +59,13 @@ def add_parser(subparsers) -> None:
         "--out-dir",
         dest="out_dir",
         type=Path,
-        default=Path("benchmarks/results"),
-        help="JSON + markdown folder (default: benchmarks/results)",
+        default=None,
+        help="JSON + markdown + plot folder (default: bench-<name>/ with --quick, else "
+        f"{RESULTS_DIR}/ and the plot in {FIGURES_DIR}/)",
     )
-    parser.add_argument("--figures-dir", type=Path, default=Path("docs/figures"), help="plot folder")
+    parser.add_argument(
+        "--figures-dir", type=Path, default=None, help="plot folder (default: see --output-dir)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (overrides the YAML)")
     parser.add_argument("--repeats", type=int, default=None, help="repeats (overrides the YAML)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides the YAML")
@@ -79,6 +101,7 @@ def render_files(results: dict[str, Any], out_dir: Path, figures_dir: Path) -> t
 
 def main(args: argparse.Namespace) -> int:
     """``melora bench``: measure each experiment (or read its results JSON), then render it."""
+    folders: list[Path] = []
     for path in args.paths:
         if args.render:
             results = json.loads(path.read_text(encoding="utf-8"))
@@ -104,8 +127,12 @@ def main(args: argparse.Namespace) -> int:
             print(f"melora bench: {experiment.name} ({len(experiment.methods())} configurations)", flush=True)
             results = run_experiment(experiment)
             results["command"] = shlex.join(["melora", *sys.argv[1:]])
-            write_json_atomic(args.out_dir / f"{results['label']}.json", results)
-        markdown, plot = render_files(results, args.out_dir, args.figures_dir)
+        out_dir, figures_dir = output_dirs(args, results["label"])
+        if not args.render:
+            write_json_atomic(out_dir / f"{results['label']}.json", results)
+        markdown, plot = render_files(results, out_dir, figures_dir)
         print(markdown.read_text(encoding="utf-8"))
         print(f"wrote {markdown} and {plot}")
+        folders.append(out_dir)
+    print("melora bench: results in " + ", ".join(f"{folder}/" for folder in dict.fromkeys(folders)))
     return 0
