@@ -19,11 +19,17 @@ class PeftTypeName(str):
     """The method's name as PEFT sees it: a plain string ("MELORA") that also answers ``.value`` like an enum.
 
     PEFT keys its method tables by this string; transformers' ``load_adapter`` reads ``peft_type.value``.
+    ``str()`` gives "PeftType.MELORA", as ``str(PeftType.LORA)`` gives "PeftType.LORA": PEFT's
+    ``get_model_status`` reports ``str(peft_type).partition(".")[-1]`` (else it would report "").
+    Equality, hashing, JSON and ``.value`` use the plain string.
     """
 
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
 
 
 PEFT_TYPE = PeftTypeName("MELORA")

@@ -156,6 +156,10 @@ class MELoRALayer(BaseTunerLayer):
     ``quantization_backend`` is PEFT's backend for a quantized base layer, or None.
     """
 
+    # "melora_B" contains "lora_B" on purpose: PEFT's LoRA+ (peft.optimizers.create_loraplus_optimizer) has no
+    # per-method hook and puts every trainable parameter whose name contains "lora_B" into its lr * ratio group,
+    # so the B factors get the LoRA+ learning rate and the A factors the base one. Keep the names (tested in
+    # tests/test_peft_utilities.py).
     adapter_layer_names = ("melora_A", "melora_B")
     other_param_names = ("r", "n", "alpha", "scaling", "melora_dropout")
 
@@ -351,6 +355,16 @@ class Linear(nn.Module, MELoRALayer):
             if adapter in self.melora_A:
                 result = result + self._adapter_output(x, adapter).to(result.dtype)
         return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True: dW is additive, so PEFT's ``convert_to_lora`` / ``save_as_lora`` accept MELoRA layers.
+
+        PEFT factorises ``get_delta_weight`` by SVD at the rank it is given (it has no hook for a layer's own
+        factors). dW has rank at most n*r, so any rank >= n*r reproduces the adapter up to float32 rounding;
+        a smaller rank gives the best approximation of that rank. For factors that are exact by construction
+        (``to_lora_factors``: lora_A = blockdiag(A_i), lora_B = blockdiag(B_i)) use ``melora.export_lora``.
+        """
+        return True
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
