@@ -208,6 +208,30 @@ def test_a_run_folder_is_accepted_and_labels_the_evaluation(tiny_dirs, tmp_path)
         _run(model_dir, data_dir, tmp_path / "x", adapter=str(tmp_path))
 
 
+def test_a_run_folder_needs_no_model_flag(tiny_dirs, tmp_path):
+    """`melora eval --adapter RUN_DIR` evaluates on the run's own model; a bare adapter on the base it names."""
+    from melora import MELoRAConfig
+    from melora.lab.records import RunRecord
+
+    model_dir, data_dir = tiny_dirs
+    config = MELoRAConfig(r=2, n=2, target_modules=["q_proj", "v_proj"], init_weights=False)
+    run_dir = tmp_path / "run"
+    _save_adapter(model_dir, config, run_dir / "adapter")
+    RunRecord("instruct", "m", "melora-r2-n2", "melora", {}, seed=0, config={"model": str(model_dir)}).write(
+        run_dir
+    )
+    options = {"tasks": ["mmlu"], "data_dir": str(data_dir), "limit": 1, "batch_size": 2}
+    by_run = runner.run_eval(EvalArgs(adapter=str(run_dir), output_dir=str(tmp_path / "a"), **options))
+    with_model = _run(model_dir, data_dir, tmp_path / "b", adapter=str(run_dir))
+    assert by_run["config"]["model"] == str(model_dir) and by_run["summary"] == with_model["summary"]
+    adapter_config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = None
+    (run_dir / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    (run_dir / "results.json").unlink()
+    with pytest.raises(UserError, match=r"names no base model .*: pass --model"):
+        runner.run_eval(EvalArgs(adapter=str(run_dir), output_dir=str(tmp_path / "c"), **options))
+
+
 # --------------------------------------------------------------------------- one schema: flags, presets, tasks
 
 LEGACY_ARGV = ["eval", "--model", "m", "--adapter", "a", "--merge", "--tasks", "mmlu,bbh", "--data-dir", "d",

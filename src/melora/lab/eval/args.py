@@ -88,7 +88,11 @@ def _positive_int(value: Any) -> bool:
 class EvalArgs:
     """What ``melora eval`` evaluates (a model, optionally with an adapter), on which tasks, and how."""
 
-    model: str | None = opt(None, "hub name, folder, .gguf file or alias such as smollm2 (required)")
+    model: str | None = opt(
+        None,
+        "hub name, folder, .gguf file or alias such as smollm2 (default with --adapter: the run's model, "
+        "else the base the adapter names)",
+    )
     adapter: str | None = opt(
         None, "PEFT adapter folder (MELoRA or LoRA, e.g. exported) or a melora run folder holding adapter/"
     )
@@ -117,7 +121,7 @@ class EvalArgs:
     def __post_init__(self) -> None:
         problems = []
         for name in ("model", "output_dir"):
-            if not getattr(self, name):
+            if not getattr(self, name) and not (name == "model" and self.adapter):
                 problems.append(f"{name} is required: pass {flag_name(name)} (or set {name} in the preset)")
         names: list[str] | None = None
         try:

@@ -132,6 +132,23 @@ def resolve_adapter(path: str | None) -> tuple[str | None, Any]:
     )
 
 
+def base_model_of(adapter: str | None, record: Any) -> str:
+    """The model an adapter was trained on: its run's ``model`` option (an alias such as smollm2 loads
+    offline), else the ``base_model_name_or_path`` its adapter_config.json names."""
+    from melora.adapter_folder import read_adapter_config
+    from melora.lab.args import UserError
+
+    if record is not None and record.config.get("model"):
+        return str(record.config["model"])
+    base = read_adapter_config(adapter).get("base_model_name_or_path") if adapter else None
+    if not base:
+        raise UserError(
+            f"--adapter {adapter} names no base model (no run results.json with a model, and no "
+            "base_model_name_or_path in its adapter_config.json): pass --model."
+        )
+    return str(base)
+
+
 def base_label(model: str) -> str:
     """A local model folder's name, else "base"."""
     return Path(model).name if Path(model).is_dir() else "base"
@@ -200,6 +217,8 @@ def run_eval(args: EvalArgs) -> dict:
         humaneval.require_permission(args.allow_code_execution)
         sandbox = humaneval.require_sandbox(args.accept_weak_sandbox).as_dict()
     adapter, record = resolve_adapter(args.adapter)
+    if not args.model:
+        args.model = base_model_of(adapter, record)
     described = describe(args.model, adapter, record)
     limits = args.task_limits()
     data = {name: TASKS[name].load(task_data_dir(args.data_dir, name), limits[name]) for name in args.tasks}
