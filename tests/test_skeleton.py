@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -56,3 +57,25 @@ def test_every_command_of_these_modules_enters_through_main(module, command):
     mod.add_parser(subparsers)
     func = subparsers.choices[command].get_default("func")
     assert func is mod.main and func.__name__ == "main"
+
+
+def test_the_final_save_never_asks_the_hub_about_the_bases_vocabulary(tmp_path, monkeypatch):
+    """An adapter naming a hub base (the aliases do) made PEFT look the base up on every save: a network call,
+    and two warnings when offline. The runners never change the vocabulary, so the save skips that check."""
+    import peft.utils.save_and_load as peft_save
+    from peft import get_peft_model
+
+    from melora import MELoRAConfig
+    from melora.lab.finetune.training import save_final
+    from tests.tiny_models import tiny_llama
+
+    asked = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", lambda *a, **k: asked.append(a) or None)
+    base = tiny_llama()
+    base.config._name_or_path = base.name_or_path = "someone/some-model"
+    model = get_peft_model(base, MELoRAConfig(r=1, n=4, target_modules=["q_proj"]))
+    save_final(model, None, tmp_path / "adapter")
+    assert asked == [] and (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "someone/some-model"

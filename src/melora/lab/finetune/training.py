@@ -222,10 +222,15 @@ def save_final(
     without it the model's own (unsharded) tensors are saved. ``card(folder)`` writes the model card into
     the folder before it is moved into place (replacing PEFT's template README.md).
     """
+    from peft import PeftModel
+
     from melora.adapter_folder import atomic_directory
 
+    # The runners never resize the vocabulary nor adapt embeddings, so PEFT's "auto" check, which asks the
+    # hub whether the base's vocabulary changed (a network call, and two warnings offline), is not needed.
+    extra = {"save_embedding_layers": False} if isinstance(model, PeftModel) else {}
     with atomic_directory(folder) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict, **extra)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if card is not None:
