@@ -19,11 +19,10 @@ import pytest
 import yaml
 
 from melora.lab.args import UserError
-from melora.lab.records import RunRecord
+from melora.lab.records import RunRecord, read_metric, read_run
 from melora.lab.study.command import execute
 from melora.lab.study.plan import is_done, plan_study
 from melora.lab.study.render import render_study
-from melora.lab.study.results import read_metric, read_run
 from melora.lab.study.spec import load_study, parse_study
 from tests.test_study import REPO, finish, hold_lock, study
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from melora.errors import UserError
+
 RESULTS_FILE = "results.json"
 KINDS = ("glue", "instruct", "eval")
 # Options that do not change what a run computes: runs differing only in these may be averaged.
@@ -109,8 +111,6 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     conflict): the error says to delete it, which makes ``melora study`` run that run again. A missing
     file is a FileNotFoundError.
     """
-    from melora.lab.args import UserError
-
     path = Path(path)
     fix = "it is damaged: delete it (or restore it from git) and rerun"
     try:
@@ -139,3 +139,58 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} holds a JSON {type(data).__name__}, not the object a melora results.json is; {fix}."
         )
     return data
+
+
+# ---- run-level reads: every read of a results.json by the study goes through read_run ----------------------
+
+DAMAGED = "it is damaged: delete it and rerun"
+
+
+def read_run(path: str | os.PathLike) -> RunRecord | None:
+    """The record of a results.json (or of the run folder holding it); None when there is none yet.
+
+    A file that is not a melora results.json (damaged JSON, or an object without ``kind``, ``label``
+    and a ``summary`` mapping) is a UserError naming it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        return RunRecord.read(path)
+    except UserError:
+        raise
+    except (TypeError, ValueError) as err:  # a well-formed JSON object that is no RunRecord
+        raise UserError(f"{str(err).rstrip('.')}; {DAMAGED}.") from None
+
+
+def finished(record: RunRecord) -> bool:
+    """Whether the run finished: a training run's results.json is written at its end; an evaluation
+    writes its own as it goes, and says ``complete`` once every task is scored."""
+    return record.kind != "eval" or bool(record.details.get("complete", True))
+
+
+def metric(record: RunRecord, name: str) -> float | None:
+    """``summary[name]`` as a number; None when the run has no such metric. Not a number: a UserError."""
+    value = record.summary.get(name)
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"{record.source or 'results.json'}: summary[{name!r}] = {value!r} is not a number; {DAMAGED}."
+        ) from None
+
+
+def read_metric(path: str | os.PathLike, name: str) -> float | None:
+    """``summary[name]`` of a finished run's results.json; None when absent, unfinished or not measured."""
+    record = read_run(path)
+    if record is None or not finished(record):
+        return None
+    return metric(record, name)
+
+
+def wall_time(record: RunRecord) -> float:
+    """The run's wall time in seconds; 0 where it was not recorded."""
+    return float(record.wall_time_s or 0.0)

@@ -24,8 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from melora.lab.records import RESULTS_FILE
-from melora.lab.study.results import finished, read_metric, read_run
+from melora.lab.records import RESULTS_FILE, finished, read_metric, read_run
 from melora.lab.study.spec import MethodEntry, StudySpec
 
 
@@ -92,7 +91,7 @@ def is_done(job: Job) -> bool:
     """Whether ``job`` has a finished results.json (an evaluation's also says ``complete``).
 
     The file is read, so a damaged one stops the study with a UserError naming it (see
-    :func:`~melora.lab.study.results.read_run`)."""
+    :func:`~melora.lab.records.read_run`)."""
     record = read_run(job.results)
     return record is not None and finished(record)
 

@@ -4,77 +4,18 @@ Every read of a study's results.json goes through :func:`read_run`, so a damaged
 :class:`~melora.lab.args.UserError` naming it (see :func:`melora.lab.records.read_results`), whichever
 query met it first: the study stops there instead of guessing whether that run finished.
 
-Run-level: :func:`read_run`, :func:`finished`, :func:`metric`, :func:`read_metric`, :func:`wall_time`.
-Plan-level (the jobs of a :class:`~melora.lab.study.plan.Plan`): :func:`job_runs`, :func:`per_seed`,
+Run-level reads live with the schema (:mod:`melora.lab.records`: ``read_run``, ``finished``, ``metric``,
+``read_metric``, ``wall_time``), which the plan uses to learn what has finished; the plan-level queries
+here (the jobs of a :class:`~melora.lab.study.plan.Plan`): :func:`job_runs`, :func:`per_seed`,
 :func:`chosen_runs`, :func:`base_runs`, :func:`wall_times`, :func:`base_heldout_loss`.
-
-The plan imports this module to learn what has finished, so it takes plans and jobs as values only
-(their types are imported for checking alone).
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from melora.lab.args import UserError
-from melora.lab.records import RunRecord
-
-if TYPE_CHECKING:
-    from melora.lab.study.plan import Job, Plan
-
-DAMAGED = "it is damaged: delete it and rerun"
-
-
-def read_run(path: str | os.PathLike) -> RunRecord | None:
-    """The record of a results.json (or of the run folder holding it); None when there is none yet.
-
-    A file that is not a melora results.json (damaged JSON, or an object without ``kind``, ``label``
-    and a ``summary`` mapping) is a UserError naming it."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.json"
-    if not path.is_file():
-        return None
-    try:
-        return RunRecord.read(path)
-    except UserError:
-        raise
-    except (TypeError, ValueError) as err:  # a well-formed JSON object that is no RunRecord
-        raise UserError(f"{str(err).rstrip('.')}; {DAMAGED}.") from None
-
-
-def finished(record: RunRecord) -> bool:
-    """Whether the run finished: a training run's results.json is written at its end; an evaluation
-    writes its own as it goes, and says ``complete`` once every task is scored."""
-    return record.kind != "eval" or bool(record.details.get("complete", True))
-
-
-def metric(record: RunRecord, name: str) -> float | None:
-    """``summary[name]`` as a number; None when the run has no such metric. Not a number: a UserError."""
-    value = record.summary.get(name)
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UserError(
-            f"{record.source or 'results.json'}: summary[{name!r}] = {value!r} is not a number; {DAMAGED}."
-        ) from None
-
-
-def read_metric(path: str | os.PathLike, name: str) -> float | None:
-    """``summary[name]`` of a finished run's results.json; None when absent, unfinished or not measured."""
-    record = read_run(path)
-    if record is None or not finished(record):
-        return None
-    return metric(record, name)
-
-
-def wall_time(record: RunRecord) -> float:
-    """The run's wall time in seconds; 0 where it was not recorded."""
-    return float(record.wall_time_s or 0.0)
+from melora.lab.records import RunRecord, finished, metric, read_run, wall_time
+from melora.lab.study.plan import Job, Plan
 
 
 def job_runs(
