@@ -214,8 +214,15 @@ def _start_and_interrupt(argv: list[str], tmp_path: Path) -> tuple[int, str]:
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     env = {**ENV, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(out, "w") as stdout, open(err, "w") as stderr:
+        # A command started in the background of a non-interactive shell (as CI may run this suite) inherits
+        # SIGINT ignored, and Python then installs no KeyboardInterrupt handler: give the child what a
+        # terminal gives it.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "melora.cli", *argv], env=env, stdout=stdout, stderr=stderr
+            [sys.executable, "-m", "melora.cli", *argv],
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         try:
             deadline = time.monotonic() + 240
