@@ -8,9 +8,8 @@
 # .venv over transformers (melora needs >= 5, llama.cpp's converters pin 4.57.6). The test runs in .venv and
 # calls this environment in subprocesses; nothing here imports melora.
 #
-# Measured on the project's 2-core machine, from nothing: 12.9 min wall while other jobs shared the cores
-# (5.4 min CPU user + 0.6 sys: expect about 6-7 min on idle cores), most of it compiling llama.cpp (75 objects);
-# 1.2 GB on disk (torch is 750 MB of it). Idempotent: re-running only checks the marker file.
+# Measured on 2 idle CPU cores, from nothing: 2 min 38 s wall (3 min 56 s CPU), most of it compiling llama.cpp
+# (75 objects); 1.2 GB on disk (torch is 750 MB of it). The test itself then takes about 80 s. Idempotent: re-running only checks the marker file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
