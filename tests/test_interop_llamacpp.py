@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA
+from tests.interop_common import require_environment, train_a_few_steps
 
 pytestmark = [pytest.mark.interop, pytest.mark.llamacpp]
 
@@ -62,13 +62,11 @@ WRONG_AT_LEAST = 1.0
 
 
 def _llamacpp_python() -> Path:
-    python = LLAMACPP_VENV / "bin" / "python"
-    if python.is_file() and (LLAMACPP_VENV / "llama.cpp" / "convert_lora_to_gguf.py").is_file():
-        return python
-    reason = f"no llama.cpp environment at {LLAMACPP_VENV}: run bash scripts/setup_llamacpp.sh"
-    if os.environ.get("MELORA_INTEROP_REQUIRED") == "1":  # CI: a missing environment is a failure
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return require_environment(
+        LLAMACPP_VENV / "bin" / "python",
+        f"no llama.cpp environment at {LLAMACPP_VENV}: run bash scripts/setup_llamacpp.sh",
+        needs=(LLAMACPP_VENV / "llama.cpp" / "convert_lora_to_gguf.py",),
+    )
 
 
 def _run_llamacpp(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
@@ -123,27 +121,8 @@ def _llamacpp_outputs(
 # ---- the PyTorch side ---------------------------------------------------------------------------------------
 
 
-def _train_a_few_steps(model, tokenizer, steps: int = 3) -> list[float]:
-    """AdamW on 8 real Alpaca examples (prompt + answer), lr high enough to move greedy outputs."""
-    from melora.lab.data.instruct import build_prompt, load_file
-
-    path = SHARED_DATA / "instruct" / "alpaca" / "alpaca_data-00000-03252.json"
-    if not path.is_file():
-        pytest.skip(f"real Alpaca data not found at {path}")
-    texts = [build_prompt(e) + e.output + tokenizer.eos_token for e in load_file(path)[:8]]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=64)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+def _train_a_few_steps(model, tokenizer) -> list[float]:
+    return train_a_few_steps(model, tokenizer, steps=3, max_length=64)
 
 
 @torch.no_grad()

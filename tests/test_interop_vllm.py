@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import SHARED_DATA
+from tests.interop_common import require_environment, train_a_few_steps
 
 pytestmark = pytest.mark.interop
 
@@ -39,34 +39,13 @@ INSTRUCTIONS = [
 
 
 def _interop_python() -> Path:
-    if INTEROP_PYTHON.is_file():
-        return INTEROP_PYTHON
-    reason = f"no interop environment at {INTEROP_PYTHON}: run bash scripts/setup_interop.sh"
-    if os.environ.get("MELORA_INTEROP_REQUIRED") == "1":  # CI: a missing environment is a failure
-        pytest.fail(reason)
-    pytest.skip(reason)
+    return require_environment(
+        INTEROP_PYTHON, f"no interop environment at {INTEROP_PYTHON}: run bash scripts/setup_interop.sh"
+    )
 
 
-def _train_a_few_steps(model, tokenizer, steps: int = 6) -> list[float]:
-    """AdamW on 8 real Alpaca examples (prompt + answer), lr high enough to move greedy outputs."""
-    from melora.lab.data.instruct import build_prompt, load_file
-
-    path = SHARED_DATA / "instruct" / "alpaca" / "alpaca_data-00000-03252.json"
-    if not path.is_file():
-        pytest.skip(f"real Alpaca data not found at {path}")
-    texts = [build_prompt(e) + e.output + tokenizer.eos_token for e in load_file(path)[:8]]
-    batch = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+def _train_a_few_steps(model, tokenizer) -> list[float]:
+    return train_a_few_steps(model, tokenizer, steps=6, max_length=128)
 
 
 def _greedy(model, prompts: list[list[int]]) -> list[list[int]]:
