@@ -23,6 +23,7 @@ from pathlib import Path
 from datasets import Dataset, DatasetDict
 
 from melora.lab.args import UserError
+from melora.lab.data.text import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -160,18 +161,6 @@ def _parse_label(task: GlueTask, raw: str, path: Path, line: int) -> int | float
     return value
 
 
-def _decode(path: Path, data: bytes) -> str:
-    """``data`` as UTF-8 (a leading BOM dropped); a bad byte is a UserError naming the file and line."""
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise UserError(
-            f"{path}, line {line}: byte {data[err.start : err.start + 1]!r} is not UTF-8 ({err.reason}); "
-            "GLUE TSVs are UTF-8: save the file as UTF-8."
-        ) from None
-
-
 def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
     """Read one labelled GLUE TSV into columns ``sentence1`` [``sentence2``] ``label``.
 
@@ -184,7 +173,7 @@ def read_tsv(task: GlueTask, path: str | os.PathLike) -> dict[str, list]:
             f"GLUE {task.name}: missing file {path}; expected the original GLUE TSV layout "
             f"(<data-dir>/{task.folder}/train.tsv and {', '.join(task.eval_files.values())})."
         )
-    text = _decode(path, path.read_bytes())
+    text = read_utf8(path, "GLUE TSVs are UTF-8", encoding="utf-8-sig")
     rows = list(csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     layout = "a header line and" if task.has_header else "no header,"
     if not any(rows):

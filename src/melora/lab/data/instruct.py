@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from melora.lab.args import UserError
+from melora.lab.data.text import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -123,19 +124,6 @@ def parse_record(record: Any, where: str) -> InstructExample:
     raise UserError(f"{where}: {problem}; expected {_expected_formats()}.")
 
 
-def _read_text(path: Path) -> str:
-    """The file as UTF-8 text; a byte that is not UTF-8 is a UserError naming the file and line."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise UserError(
-            f"{path}, line {line}: byte {data[err.start : err.start + 1]!r} is not UTF-8 ({err.reason}); "
-            "JSON data must be UTF-8: save the file as UTF-8."
-        ) from None
-
-
 def _array_record_lines(text: str) -> list[int]:
     """The line on which each record of a JSON array starts (the array already parsed without error)."""
     decoder = json.JSONDecoder()
@@ -155,7 +143,7 @@ def _array_record_lines(text: str) -> list[int]:
 
 def _read_records(path: Path) -> list[tuple[Any, str]]:
     """The records of one file, each with the words that name it in errors (file and line)."""
-    text = _read_text(path)
+    text = read_utf8(path, "JSON data must be UTF-8")
     if not text.strip():
         raise UserError(f"{path}: file is empty; expected a JSON array or JSON lines of records.")
     if path.suffix == ".jsonl":
@@ -197,7 +185,7 @@ def load_file(path: str | Path) -> list[InstructExample]:
             if path.suffix == ".jsonl":
                 raise
             # a JSON array: find the record's line only now (a second parse of the file)
-            line = _array_record_lines(_read_text(path))[index]
+            line = _array_record_lines(read_utf8(path, "JSON data must be UTF-8"))[index]
             raise UserError(str(err).replace(where, f"{where} (line {line})", 1)) from None
     return examples
 
