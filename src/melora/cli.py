@@ -29,6 +29,10 @@ SUBCOMMANDS = {
     "report": ("melora.lab.report", "aggregate results.json files into tables and plots"),
     "bench": ("melora.lab.bench.runner", "speed / memory / parameter benchmarks"),
     "export-lora": ("melora.export", "convert a MELoRA adapter into a standard LoRA adapter"),
+    "analyze": (
+        "melora.lab.analyze_command",
+        "singular values, effective rank, block diversity of MELoRA / LoRA adapters",
+    ),
 }
 # Errors that are the user's to fix: one line, exit status 2. The OSErrors are about a path the user gave (a
 # missing input, an output path that is a file, a folder without write permission); other OSErrors (a full
