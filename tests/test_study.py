@@ -317,7 +317,8 @@ def test_plan_shows_how_far_a_run_of_another_study_process_has_got(tmp_path):
         other.kill()
         other.wait()
     assert lines[0].split() == ["done", first.name]
-    assert lines[1].split() == ["running", "(1.2/2", "ep)", second.name]
+    assert lines[1].split()[:4] == ["running", "(1.2/2", "ep)", second.name]
+    assert lines[1].endswith(f"[{other.pid} on otherhost]")  # who runs it, and where
     assert lines[2].startswith("to run")
 
 
@@ -424,7 +425,7 @@ def test_only_runs_the_matching_runs_and_the_extensions_they_make_due(tmp_path, 
     spec = parse_study(study(tmp_path, tasks={"rte": {"epochs": 2}, "mrpc": {"epochs": 2}}))
     executed = []
 
-    def fake_execute(spec, job):  # the best lr is the lowest: the grid extends down once per pass
+    def fake_execute(spec, job, *placement):  # the best lr is the lowest: the grid extends down once per pass
         executed.append(job.name)
         finish(job, 1.0 - job.lr)
         return 0
@@ -527,7 +528,7 @@ def test_an_instruct_study_evaluates_the_untuned_model_once_and_reports_it_as_th
     finally:
         other.kill()
         other.wait()
-    assert ["running", base.name] in states
+    assert ["running", base.name, f"[{other.pid}", "on", "otherhost]"] in states
     (base.folder / ".running").unlink()
     for job in plan_study(spec).pending(is_done):
         if job.kind == "train":  # only seed 0 measured the untuned model's loss (eval_base)

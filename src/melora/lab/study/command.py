@@ -40,6 +40,7 @@ to another live process that holds them (or wait for runs it holds): rerun when 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import shutil
@@ -174,26 +175,29 @@ _held: dict[Path, int] = {}  # run folder -> descriptor of the lock this process
 _held_guard = threading.Lock()
 
 
-def take_lock(folder: Path) -> int | None:
+def take_lock(folder: Path, where: str = "", wait_s: float = 0.0) -> int | None:
     """Take ``folder``'s run lock (an exclusive flock on ``folder/.running``); None when another process holds it.
 
     The lock file is created if needed and is never replaced while held, so the flock is the only
     truth: whoever holds it owns the run. A holder releases by removing the file, then closing it;
     an opener that locked a file removed meanwhile tries again on the new one. The file then names the
-    holder (``pid host``) for ``--plan``.
+    holder (``pid host`` and ``where``: the node and GPUs, when known) for ``--plan``. With ``wait_s``, a
+    lock another process holds is tried again for that long (a run retried on another node after its
+    first node died waits there for the dead node's lock to be released).
     """
     import fcntl
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK
-    for attempt in range(100):
+    deadline = time.monotonic() + wait_s
+    for attempt in itertools.count():
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            if attempt < 5:  # a probe (``--plan``, another study's planning) holds it for a moment
-                time.sleep(0.02)
+            if attempt < 5 or time.monotonic() < deadline:  # a probe (``--plan``) holds it for a moment
+                time.sleep(0.02 if attempt < 5 else 0.5)
                 continue
             return None
         except BaseException:
@@ -206,10 +210,10 @@ def take_lock(folder: Path) -> int | None:
         if current:
             break
         os.close(fd)  # its holder released (removed) it between our open and flock: take the new one
-    else:
-        return None
+        if attempt >= 100:  # released and re-created 100 times in a row: leave it to the others
+            return None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {where}".strip().encode() + b"\n", 0)
     with _held_guard:
         _held[folder] = fd
     return fd
@@ -252,14 +256,11 @@ def lock_holder(folder: Path) -> str | None:
                 if attempt < 2:  # a study taking it to find it busy holds it for a moment
                     time.sleep(0.01)
         text = os.pread(fd, 200, 0).decode("utf-8", errors="replace").split()
-        return " on ".join(text[:2]) if text else "another process"
+        if not text:
+            return "another process"
+        return " on ".join(text[:2]) + (f" ({' '.join(text[2:])})" if len(text) > 2 else "")
     finally:
         os.close(fd)
-
-
-def running_elsewhere(job: Job) -> bool:
-    """Whether another live process holds ``job``'s run lock."""
-    return lock_holder(job.folder) is not None
 
 
 def clear_folder(folder: Path) -> None:
@@ -339,14 +340,18 @@ def _stop_children(futures: list[Future]) -> None:
     wait(futures)
 
 
-def execute(spec: StudySpec, job: Job) -> int | None:
+def execute(
+    spec: StudySpec, job: Job, env: dict[str, str] | None = None, where: str = "", lock_wait_s: float = 0.0
+) -> int | None:
     """Run one job to completion in a subprocess; returns its exit status.
 
-    None when the job is not this process's to run: another process holds its lock, or the study is
-    stopping. The lock is taken before the run folder is touched and held until the run's process
-    (and its process group) is gone; a run that finished meanwhile (another process ran it) is left
-    as it is (0)."""
-    fd = take_lock(job.folder)
+    ``env`` is added to the run's environment (its ``CUDA_VISIBLE_DEVICES``); ``where`` says where it
+    runs (``gpu 3``, ``node 1a2b3c4d gpu 0``), written into its lock for ``--plan`` and into its log.
+    None when the job is not this process's to run: another process holds its lock (tried for
+    ``lock_wait_s``), or the study is stopping. The lock is taken before the run folder is touched and
+    held until the run's process (and its process group) is gone; a run that finished meanwhile
+    (another process ran it) is left as it is (0)."""
+    fd = take_lock(job.folder, where, lock_wait_s)
     if fd is None:
         return None
     try:
@@ -361,10 +366,13 @@ def execute(spec: StudySpec, job: Job) -> int | None:
             "OMP_NUM_THREADS": str(spec.threads_per_worker),
             "MKL_NUM_THREADS": str(spec.threads_per_worker),
             "TOKENIZERS_PARALLELISM": "false",
+            **(env or {}),
         }
         with open(job.folder / RUN_LOG, "a" if checkpoint else "w", encoding="utf-8") as log:
             if checkpoint:
                 log.write(f"# resuming from {checkpoint}\n")
+            if where:
+                log.write(f"# on {socket.gethostname()} {where}\n")
             log.write("+ melora " + " ".join(argv) + "\n")
             log.flush()
             command = [sys.executable, "-m", "melora.lab.study.command", CHILD_OF, str(os.getpid()), *argv]
@@ -465,10 +473,70 @@ def check_only(spec: StudySpec, plan: Plan, only: list[str] | None) -> None:
             )
 
 
+class LocalExecutor:
+    """Runs jobs as processes of this machine: ``workers`` at once, or with ``gpus_per_run`` as many as
+    the GPUs hold, each with its own ``CUDA_VISIBLE_DEVICES`` (:mod:`melora.lab.study.devices`)."""
+
+    def __init__(self, spec: StudySpec, gpus: int | None = None) -> None:
+        from melora.lab.study.devices import local_pool
+
+        self.spec = spec
+        self.pool = local_pool(spec.gpus_per_run, gpus)
+        fit = self.pool.capacity if self.pool is not None and self.pool.capacity else None
+        self.slots = min(x for x in (spec.workers, fit) if x) if (spec.workers or fit) else 1
+        self.threads = ThreadPoolExecutor(max_workers=self.slots)
+        self._gpus: dict[Future, list[str] | None] = {}
+
+    def describe(self) -> str:
+        gpus = f", {self.spec.gpus_per_run:g} GPU each of {len(self.pool.devices)}" if self.pool else ""
+        return f"{self.slots} run(s) at once on this machine{gpus}"
+
+    def submit(self, job: Job, running: int) -> Future | None:
+        """Start ``job``, or None when there is no room for it now."""
+        if running >= self.slots:
+            return None
+        gpus = self.pool.take() if self.pool is not None else None
+        if self.pool is not None and gpus is None:
+            return None
+        env = {} if gpus is None else {"CUDA_VISIBLE_DEVICES": ",".join(gpus)}
+        where = f"gpu {','.join(gpus)}" if gpus else ""
+        future = self.threads.submit(execute, self.spec, job, env, where)
+        self._gpus[future] = gpus
+        return future
+
+    def wait_any(self, handles: list[Future]) -> list[Future]:
+        finished, _ = wait(handles, return_when=FIRST_COMPLETED)
+        return list(finished)
+
+    def result(self, handle: Future) -> int | None:
+        gpus = self._gpus.pop(handle, None)
+        if gpus and self.pool is not None:
+            self.pool.give(gpus)
+        return handle.result()
+
+    def stop(self, handles: list[Future]) -> None:
+        _stop_children(handles)
+
+    def close(self) -> None:
+        self.threads.shutdown(wait=True, cancel_futures=True)
+
+
+def make_executor(spec: StudySpec, gpus: int | None = None, address: str | None = None):
+    """The study's executor: :class:`LocalExecutor`, or a Ray cluster's (:mod:`melora.lab.study.ray_executor`)."""
+    if spec.executor == "ray":
+        from melora.lab.study.ray_executor import RayExecutor
+
+        return RayExecutor(spec, address)
+    return LocalExecutor(spec, gpus)
+
+
 def run_study(
-    spec: StudySpec, progress: bool = True, only: list[str] | None = None
+    spec: StudySpec,
+    progress: bool = True,
+    only: list[str] | None = None,
+    executor: Any = None,
 ) -> tuple[Plan, list[str], dict[str, str]]:
-    """Run every missing job of ``spec`` (re-planning as runs finish).
+    """Run every missing job of ``spec`` (re-planning as runs finish) on ``executor`` (default: local).
 
     Returns the final plan, the failed runs, and the selected runs left undone because another live
     process holds them (name -> ``"pid on host"``) or waits for such a run (name -> ``"waits for ..."``).
@@ -482,7 +550,7 @@ def run_study(
     _hurry.clear()
     failed: set[str] = set()
     elsewhere: dict[str, str] = {}  # runs another process held -> its "pid on host"
-    running: dict[Future, Job] = {}
+    running: dict[Any, Job] = {}
     plan = plan_study(spec)
     check_only(spec, plan, only)
     if retrain_lost_adapters(plan, only):
@@ -491,14 +559,14 @@ def run_study(
     bar = tqdm(
         total=len(plan.jobs), initial=done, desc=f"study {spec.name}", unit="run", disable=not progress
     )
-    pool = ThreadPoolExecutor(max_workers=spec.workers)
+    executor = executor or LocalExecutor(spec)
+    logger.info("study %s: %s", spec.name, executor.describe())
     completed = False
     try:
         while True:
             plan = plan_study(spec, frozenset(failed))
             bar.total = len(plan.jobs)
             active = {j.name for j in running.values()}
-            todo = []
             for job in plan.pending(is_done):
                 if job.name in active or job.name in failed or not selected(job, only) or not _ready(job):
                     continue
@@ -506,18 +574,18 @@ def run_study(
                 if holder is not None:
                     elsewhere[job.name] = holder
                     continue
-                todo.append(job)
-            for job in todo[: spec.workers - len(running)]:
+                handle = executor.submit(job, len(running))
+                if handle is None:  # no room: the next job waits for a run to finish
+                    break
                 logger.info("start %s", job.name)
-                running[pool.submit(execute, spec, job)] = job
+                running[handle] = job
             bar.set_postfix_str(f"running {len(running)}, failed {len(failed)}")
             bar.refresh()
             if not running:
                 break
-            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                code = future.result()
+            for handle in executor.wait_any(list(running)):
+                job = running.pop(handle)
+                code = executor.result(handle)
                 if code is None:  # another process took it first: leave it to that one
                     elsewhere[job.name] = lock_holder(job.folder) or "another process"
                     continue
@@ -531,8 +599,8 @@ def run_study(
         raise
     finally:
         if not completed:  # interrupted, or an error: stop the runs before leaving
-            _stop_children(list(running))
-        pool.shutdown(wait=True, cancel_futures=True)
+            executor.stop(list(running))
+        executor.close()
         bar.close()
     plan = plan_study(spec, frozenset(failed))
     left = {}
@@ -575,15 +643,16 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
     """One line per job: done / running (epoch reached of the budget) / to run."""
     lines = []
     for job in plan.jobs:
+        holder = None
         if is_done(job):
             state = "done"
-        elif running_elsewhere(job):
+        elif (holder := lock_holder(job.folder)) is not None:
             epoch = logged_epoch(job)
             budget = run_options(spec, job).get("epochs") if job.kind == "train" else None
             state = "running" + (f" ({epoch:.1f}/{budget:g} ep)" if epoch is not None and budget else "")
         else:
             state = "to run"
-        lines.append(f"{state:22s} {job.name}")
+        lines.append(f"{state:22s} {job.name}" + (f"  [{holder}]" if holder else ""))
     from melora.lab.study.cost import duration_text, time_to_go
     from melora.lab.study.results import wall_times
 
@@ -591,7 +660,7 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
     if togo and togo["runs"]:
         lines.append(
             f"{togo['runs']} runs to go: {duration_text(togo['run_hours'])} of run time, "
-            f"{duration_text(togo['run_hours'] / spec.workers)} on {spec.workers} workers "
+            f"{duration_text(togo['run_hours'] / (spec.workers or 1))} on {spec.workers or 1} workers "
             "(at the mean wall time of finished runs of the same task and method kind)"
         )
     waiting = [f"{t}/{s}" for (t, s) in plan.sweeps if (t, s) not in plan.chosen]
@@ -630,6 +699,14 @@ def _main(args: argparse.Namespace) -> int:
         if args.threads_per_worker < 1:
             raise UserError(f"--threads-per-worker {args.threads_per_worker}: expected an integer >= 1.")
         spec.threads_per_worker = args.threads_per_worker
+    if args.executor is not None:
+        spec.executor = args.executor
+    if args.address is not None:
+        if spec.executor != "ray":
+            raise UserError(
+                "--address names a Ray cluster: add --executor ray (or executor: ray in the study file)."
+            )
+        spec.ray_address = args.address
     if args.plan:
         print(describe_plan(spec, plan_study(spec)))
         return 0
@@ -639,7 +716,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.report_only:
         plan = plan_study(spec)
     else:
-        plan, failed, left = run_study(spec, progress=not args.no_progress, only=args.only)
+        executor = make_executor(spec, gpus=args.gpus)
+        plan, failed, left = run_study(spec, progress=not args.no_progress, only=args.only, executor=executor)
     report = write_report(spec, plan)
     print(f"report: {report} ({time.time() - start:.0f} s)")
     status = 0
@@ -679,6 +757,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=None, help="override the study's parallel runs")
     parser.add_argument("--threads-per-worker", type=int, default=None, help="override torch threads per run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default=None,
+        help="override the study's executor (docs/scale.md)",
+    )
+    parser.add_argument(
+        "--address", default=None, help="executor ray: the cluster to join (HOST:PORT, ray://HOST:PORT, auto)"
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=None,
+        help="local executor: GPUs to hand out (default: all this machine has)",
+    )
     parser.add_argument(
         "--only",
         action="append",

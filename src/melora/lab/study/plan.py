@@ -116,7 +116,7 @@ def plan_study(spec: StudySpec, failed: frozenset[str] = frozenset()) -> Plan:
             if task not in spec.tasks_for(entry):
                 continue
             seeds = spec.seeds_for(entry)
-            grid = [round_lr(lr) for lr in spec.grid_for(entry)]
+            grid = [round_lr(lr) for lr in spec.grid_for(entry, task)]
             tune_seed = spec.tune.seed if spec.tune.seed in seeds else seeds[0]
             key = (task, entry.slug)
             chosen: float | None = grid[0] if len(grid) == 1 else None
@@ -142,7 +142,9 @@ def plan_study(spec: StudySpec, failed: frozenset[str] = frozenset()) -> Plan:
                     extensions["high"] += 1
                 else:
                     chosen = best
-            plan.extended[key] = [lr for lr in grid if lr not in {round_lr(x) for x in spec.grid_for(entry)}]
+            plan.extended[key] = [
+                lr for lr in grid if lr not in {round_lr(x) for x in spec.grid_for(entry, task)}
+            ]
             if chosen is None:
                 continue
             plan.chosen[key] = chosen

@@ -4,8 +4,14 @@
     name: example                 # results go to results/<name>/ (one folder name: no '/', no '..')
     output_dir: results/example_2 # optional: a folder inside results/, or an absolute path
     runner: glue                  # glue or instruct
-    workers: 2                    # runs in parallel (processes)
+    workers: 2                    # runs in parallel (processes); with GPUs: at most this many (default: all fit)
     threads_per_worker: 1         # torch threads of each
+    gpus_per_run: 1               # optional: GPUs each run gets (0.5: two runs share one; 2: two whole GPUs);
+                                  # the local executor runs as many at once as the machine's GPUs hold and
+                                  # gives each its own CUDA_VISIBLE_DEVICES; 0: runs see no GPU
+    cpus_per_run: 4               # optional: CPUs each run reserves (Ray's num_cpus; default threads_per_worker)
+    executor: local               # local (processes on this machine) or ray (a Ray cluster: docs/scale.md)
+    ray_address: auto             # executor ray: the cluster to join (auto: RAY_ADDRESS or the local one)
     base: {model: minilm, data_dir: ../shared/data/glue, batch_size: 32}   # flags every run shares
     tasks:                        # task -> its budget (any runner flag), overriding base
       stsb: {epochs: 3}
@@ -14,10 +20,13 @@
       - {method: lora, r: 8}
       - {method: melora, r: 1, n: 8}
       - {method: melora, r: 1, n: 1, tasks: [stsb], seeds: [0]}
+      - {method: lora, r: 1, lr: {stsb: [1.0e-3], rte: [3.0e-3]}}   # lr per task (a one-point grid: no tuning)
     seeds: [0, 1, 2]
     lr_grid: {melora: [1.0e-3, 3.0e-3, 1.0e-2], lora: [3.0e-4, 1.0e-3, 3.0e-3], full: [3.0e-5, 1.0e-4]}
     tune: {seed: 0, extend: 2, factor: 3}   # an edge optimum adds a point beyond it, up to `extend` per side
     select: primary               # glue: each task's primary metric; or a summary key (instruct/heldout_loss)
+    analyze: false                # true: `melora analyze` each chosen run's adapter (keep it: save_model) into
+                                  # <run>/analysis.json; the report gains the rank and block-diversity tables
     compare: [[melora-r1-n8, lora-r8]]      # paired per-seed comparisons (slugs), first minus second
     eval: {tasks: [mmlu, bbh], limit: {mmlu: 2}, data_dir: ../shared/data/eval, base: true}   # instruct only;
                                   # base: the untuned model is evaluated too (<root>/instruct/base/eval)
@@ -41,6 +50,7 @@ from typing import Any
 from melora.lab.args import AdapterArgs, UserError, suggest
 
 RUNNERS = ("glue", "instruct")
+EXECUTORS = ("local", "ray")
 # Summary keys where lower is better (everything else: higher is better).
 LOWER_IS_BETTER = ("loss",)
 
@@ -52,7 +62,7 @@ class MethodEntry:
     adapter: AdapterArgs
     seeds: list[int] | None = None
     tasks: list[str] | None = None
-    lr: list[float] | None = None
+    lr: list[float] | dict[str, list[float]] | None = None  # one grid, or one grid per task
 
     @property
     def slug(self) -> str:
@@ -97,12 +107,17 @@ class StudySpec:
     lr_grid: dict[str, list[float]]
     base: dict[str, Any] = field(default_factory=dict)
     output_dir: str | None = None
-    workers: int = 1
+    workers: int | None = None  # None: 1, or with gpus_per_run as many as the GPUs hold
     threads_per_worker: int = 1
+    gpus_per_run: float | None = None  # None: runs see whatever GPUs the study sees
+    cpus_per_run: int | None = None  # None: threads_per_worker
+    executor: str = "local"
+    ray_address: str | None = None
     tune: Tune = field(default_factory=Tune)
     select: str = "primary"
     compare: list[list[str]] = field(default_factory=list)
     eval: EvalSpec | None = None
+    analyze: bool = False  # analyse each chosen run's kept adapter into <run>/analysis.json (melora analyze)
     source: str = "study"
 
     @property
@@ -117,20 +132,31 @@ class StudySpec:
             f"{self.source}: no method with slug {slug!r}; have {[m.slug for m in self.methods]}."
         )
 
+    @property
+    def cpus(self) -> int:
+        """CPUs each run reserves: ``cpus_per_run``, else its torch threads."""
+        return self.cpus_per_run or self.threads_per_worker
+
     def seeds_for(self, entry: MethodEntry) -> list[int]:
         return list(entry.seeds if entry.seeds is not None else self.seeds)
 
     def tasks_for(self, entry: MethodEntry) -> list[str]:
         return [t for t in self.tasks if entry.tasks is None or t in entry.tasks]
 
-    def grid_for(self, entry: MethodEntry) -> list[float]:
-        if entry.lr is not None:
+    def grid_for(self, entry: MethodEntry, task: str | None = None) -> list[float]:
+        """The learning rates ``entry`` is tuned over on ``task`` (its own ``lr``, else ``lr_grid``)."""
+        if isinstance(entry.lr, dict):
+            if task is not None and task in entry.lr:
+                return sorted(entry.lr[task])
+        elif entry.lr is not None:
             return sorted(entry.lr)
         for key in (entry.slug, entry.adapter.method):
             if key in self.lr_grid:
                 return sorted(self.lr_grid[key])
+        where = f" on {task}" if task is not None else ""
         raise UserError(
-            f"{self.source}: no learning rates for {entry.slug}: add lr_grid.{entry.adapter.method} or lr on the method."
+            f"{self.source}: no learning rates for {entry.slug}{where}: add lr_grid.{entry.adapter.method}, "
+            f"lr on the method, or lr: {{{task or 'TASK'}: [...]}} on the method."
         )
 
     def metric_for(self, task: str) -> str:
@@ -351,6 +377,39 @@ def _eval(value: Any, source: str) -> EvalSpec:
     return spec
 
 
+def gpus_per_run(value: Any, where: str) -> float:
+    """GPUs per run: 0, a fraction of one GPU (0.25, 0.5: runs share it), or a whole number (1, 2, 8)."""
+    number = None
+    if _is_number(value):
+        number = float(value)
+    if number is None or not math.isfinite(number) or number < 0 or (number > 1 and number != int(number)):
+        raise UserError(
+            f"{where}: gpus_per_run={value!r}: expected 0, a fraction of one GPU such as 0.5 (runs share it), "
+            "or a whole number of GPUs such as 2."
+        )
+    return number
+
+
+def _executor(value: Any, source: str) -> str:
+    if value not in EXECUTORS:
+        raise UserError(f"{source}: executor={value!r}; choose one of {', '.join(EXECUTORS)}.")
+    return value
+
+
+def _address(value: Any, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{source}: ray_address={value!r}: expected HOST:PORT, ray://HOST:PORT or auto.")
+    return value
+
+
+def _flag(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"{where}: expected true or false, got {value!r}.")
+    return value
+
+
 def _method(i: int, raw: Any, tasks: dict[str, Any], source: str) -> MethodEntry:
     where = f"{source}: methods[{i}]"
     if not isinstance(raw, dict):
@@ -364,7 +423,15 @@ def _method(i: int, raw: Any, tasks: dict[str, Any], source: str) -> MethodEntry
         adapter = AdapterArgs(**adapter_keys)
     except (TypeError, ValueError) as err:
         raise UserError(f"{where}: {err}") from err
-    lr = _positive_floats(raw["lr"], f"{where}.lr") if "lr" in raw else None
+    lr: list[float] | dict[str, list[float]] | None = None
+    if isinstance(raw.get("lr"), dict):
+        lr = {}
+        for task, grid in raw["lr"].items():
+            if task not in tasks:
+                raise UserError(f"{where}.lr: task {task!r} is not in tasks {sorted(tasks)}.")
+            lr[task] = _positive_floats(grid if isinstance(grid, list) else [grid], f"{where}.lr.{task}")
+    elif "lr" in raw:
+        lr = _positive_floats(raw["lr"], f"{where}.lr")
     seeds = _seeds(raw["seeds"], f"{where}.seeds") if "seeds" in raw else None
     only = _strings(raw["tasks"], f"{where}.tasks", "[rte, stsb]") if "tasks" in raw else None
     unknown_tasks = sorted(set(only or []) - set(tasks))
@@ -439,16 +506,24 @@ def parse_study(data: dict[str, Any], source: str = "study") -> StudySpec:
         lr_grid=grid,
         base=_mapping(data.get("base"), f"{source}: base", "{model: minilm, batch_size: 32}"),
         output_dir=output_dir,
-        workers=_integer(data.get("workers", 1), f"{source}: workers", 1),
+        workers=None if data.get("workers") is None else _integer(data["workers"], f"{source}: workers", 1),
         threads_per_worker=_integer(data.get("threads_per_worker", 1), f"{source}: threads_per_worker", 1),
+        gpus_per_run=None if data.get("gpus_per_run") is None else gpus_per_run(data["gpus_per_run"], source),
+        cpus_per_run=None
+        if data.get("cpus_per_run") is None
+        else _integer(data["cpus_per_run"], f"{source}: cpus_per_run", 1),
+        executor=_executor(data.get("executor", "local"), source),
+        ray_address=_address(data.get("ray_address"), source),
         tune=tune,
         select=select,
         compare=compare,
         eval=eval_spec,
+        analyze=_flag(data.get("analyze", False), f"{source}: analyze"),
         source=source,
     )
     for entry in methods:
-        spec.grid_for(entry)  # every method has learning rates
+        for task in spec.tasks_for(entry):
+            spec.grid_for(entry, task)  # every method has learning rates on every task it runs
     return spec
 
 

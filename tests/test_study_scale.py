@@ -1,0 +1,350 @@
+"""melora study across GPUs and machines: the local executor's GPU assignment, and Ray clusters.
+
+The local executor is tested with a fake GPU count (``--gpus 2``: the runs see CUDA_VISIBLE_DEVICES 0 and 1
+and train on the CPU). The Ray tests start a real two-node Ray cluster on this machine (Ray's own
+``ray.cluster_utils.Cluster``), every server bound to 127.0.0.1 only, each node declaring 2 GPUs it does not
+have; the cluster is torn down whatever happens. A ``sitecustomize`` on the runs' path records, independent
+of the study's bookkeeping, each training process: its run, CUDA_VISIBLE_DEVICES, node, start and end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from melora.lab.args import UserError
+from melora.lab.study.devices import GpuPool, local_pool, machine_gpus
+from melora.lab.study.spec import parse_study
+from tests.test_study import REPO, study
+from tests.test_study_reliability import processes_naming
+
+RECORDER = """
+import atexit, json, os, sys, time
+if "--config" in sys.argv and os.environ.get("SCALE_RECORD"):  # a training run: record where and when
+    record = {"config": sys.argv[sys.argv.index("--config") + 1], "pid": os.getpid(),
+              "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"), "node": os.environ.get("MELORA_RAY_NODE"),
+              "start": time.time()}
+    def _write(event):
+        with open(os.environ["SCALE_RECORD"], "a") as out:
+            out.write(json.dumps({**record, "event": event, "t": time.time()}) + "\\n")
+    _write("start")
+    atexit.register(_write, "end")
+"""
+
+
+def recorder_env(tmp_path) -> dict[str, str]:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(RECORDER)
+    return {
+        "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src")]),
+        "SCALE_RECORD": str(tmp_path / "record.jsonl"),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def records(tmp_path) -> list[dict]:
+    """Training processes as (run, start, end, gpus, node); a process killed before its end has end None."""
+    path = tmp_path / "record.jsonl"
+    by_pid: dict[int, dict] = {}
+    for line in path.read_text().splitlines() if path.exists() else []:
+        event = json.loads(line)
+        entry = by_pid.setdefault(event["pid"], {**event, "end": None})
+        if event["event"] == "end":
+            entry["end"] = event["t"]
+    for entry in by_pid.values():
+        entry["run"] = str(Path(entry["config"]).parent.relative_to(tmp_path / "study"))
+    return sorted(by_pid.values(), key=lambda e: e["start"])
+
+
+def overlapping(entries: list[dict]) -> list[tuple[dict, dict]]:
+    """Pairs of training processes that were alive at the same time."""
+    pairs = []
+    for i, a in enumerate(entries):
+        for b in entries[i + 1 :]:
+            a_end, b_end = a["end"] or float("inf"), b["end"] or float("inf")
+            if a["start"] < b_end and b["start"] < a_end:
+                pairs.append((a, b))
+    return pairs
+
+
+def scale_study(tmp_path, epochs: int = 1, lrs=(1e-3, 3e-3, 1e-2, 3e-2), **overrides) -> Path:
+    """A tiny LoRA study: one run per learning rate (no tuning), seed 0, with one GPU each."""
+    from tests.tiny_models import write_tiny_glue
+
+    tiny = write_tiny_glue(
+        tmp_path / "tiny", hidden=32, layers=1, counts=(("train", 48), ("dev", 16)), dropout=0
+    )
+    base = {"model": tiny["model"], "data_dir": tiny["data_dir"], "batch_size": 8, "eval_batch_size": 8,
+            "max_length": 32, "save_model": False, "group_by_length": False}  # fmt: skip
+    data = study(tmp_path, base=base, tasks={"rte": {"epochs": epochs}}, seeds=[0], methods=[{"method": "lora", "r": 8}],
+                 lr_grid={"lora": list(lrs)}, tune={"extend": 0}, compare=[], gpus_per_run=1)  # fmt: skip
+    data.update(overrides)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_study(tmp_path, path: Path, *flags: str, env: dict | None = None, timeout: float = 600):
+    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", *flags]
+    return subprocess.run(command, env={**os.environ, **recorder_env(tmp_path), **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def metrics(root: Path) -> dict[str, dict]:
+    """Each finished run's dev metrics per epoch, by run name."""
+    out = {}
+    for path in sorted(root.glob("*/*/*/*/results.json")):
+        result = json.loads(path.read_text())
+        out[str(path.parent.relative_to(root))] = {"best": result["best"], "epochs": result["epochs"]}
+    return out
+
+
+# ---- the GPU pool ------------------------------------------------------------------------------------------
+
+
+def test_one_gpu_a_run_gives_each_concurrent_run_its_own_gpu_until_none_is_left():
+    pool = GpuPool(["0", "1", "2", "3"], 1)
+    taken = [pool.take() for _ in range(4)]
+    assert sorted(d for t in taken for d in t) == ["0", "1", "2", "3"] and pool.capacity == 4
+    assert pool.take() is None
+    pool.give(taken[2])
+    assert pool.take() == taken[2]
+
+
+def test_a_fraction_spreads_runs_over_the_gpus_before_they_share_one():
+    pool = GpuPool(["0", "1"], 0.5)
+    assert pool.capacity == 4
+    first = [pool.take() for _ in range(2)]
+    assert sorted(first) == [["0"], ["1"]]  # spread first
+    assert sorted(pool.take() + pool.take()) == ["0", "1"]  # then share
+    assert pool.take() is None
+
+
+def test_whole_gpus_a_run_are_taken_only_when_all_free():
+    pool = GpuPool(["0", "1", "2", "3", "4"], 2)
+    a, b = pool.take(), pool.take()
+    assert len(set(a) | set(b)) == 4 and pool.capacity == 2
+    assert pool.take() is None  # one GPU left, a run needs two
+    pool.give(a)
+    assert sorted(pool.take()) == sorted(a)
+
+
+def test_zero_gpus_a_run_hides_every_gpu():
+    pool = local_pool(0.0, count=4)
+    assert pool is not None and pool.take() == [] and pool.take() == []
+
+
+def test_the_gpu_count_comes_from_the_flag_or_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert machine_gpus() == ["4", "6"]
+    assert machine_gpus(1) == ["4"]
+    with pytest.raises(UserError, match="lists only 2"):
+        machine_gpus(3)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert machine_gpus(3) == ["0", "1", "2"]
+
+
+def test_a_study_asking_for_gpus_on_a_machine_without_any_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(UserError, match="gpus_per_run=1 but this machine has 0 GPU.*gpus_per_run: 0"):
+        local_pool(1.0)
+
+
+@pytest.mark.parametrize("value", [1.5, -1, "one", float("nan")])
+def test_gpus_per_run_must_be_a_fraction_or_whole_gpus(tmp_path, value):
+    with pytest.raises(UserError, match="gpus_per_run"):
+        parse_study(study(tmp_path, gpus_per_run=value), "s.yaml")
+
+
+def test_an_unknown_executor_names_the_choices(tmp_path):
+    with pytest.raises(UserError, match="executor='slurm'; choose one of local, ray"):
+        parse_study(study(tmp_path, executor="slurm"), "s.yaml")
+
+
+# ---- the local executor on a machine with (fake) GPUs --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_local_executor_runs_as_many_runs_as_gpus_each_on_its_own(tmp_path):
+    path = scale_study(tmp_path, epochs=2)
+    done = run_study(tmp_path, path, "--gpus", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    entries = records(tmp_path)
+    assert len(entries) == 4 and all(e["end"] for e in entries)
+    assert {e["gpus"] for e in entries} == {"0", "1"}
+    pairs = overlapping(entries)
+    assert pairs, "two GPUs: two runs at once"
+    for a, b in pairs:
+        assert a["gpus"] != b["gpus"], (a, b)
+    for a, b, c in ((x, y, z) for x in entries for y in entries for z in entries):
+        if len({a["pid"], b["pid"], c["pid"]}) == 3:
+            assert not ((a, b) in pairs and (b, c) in pairs and (a, c) in pairs), "never 3 runs on 2 GPUs"
+
+
+# ---- Ray --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """Two Ray nodes on 127.0.0.1, 2 CPUs and 2 (declared) GPUs each; yields (cluster, worker node)."""
+    pytest.importorskip("ray")
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    saved = dict(os.environ)
+    # Ray resolves 127.0.0.1 to the machine's outward address unless single-machine mode is on; with it on,
+    # every server binds the loopback address only (checked below)
+    os.environ.update(
+        recorder_env(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0"
+    )
+    from ray.cluster_utils import Cluster
+
+    cluster = None
+    try:
+        common = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "num_gpus": 2}
+        cluster = Cluster(initialize_head=True, head_node_args={**common, "include_dashboard": False,
+                                                                 "temp_dir": temp_dir})  # fmt: skip
+        worker = cluster.add_node(**common)
+        yield cluster, worker, temp_dir
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        if cluster is not None:
+            cluster.shutdown()
+        for pid in processes_naming(temp_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def listening_addresses(pids: set[int]) -> list[str]:
+    """The local addresses the given processes listen on (TCP), from /proc."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            continue
+    addresses = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                addresses.append(fields[1].split(":")[0])
+    return addresses
+
+
+def _is_loopback(hex_address: str) -> bool:
+    if len(hex_address) == 8:  # IPv4, little-endian
+        return hex_address.endswith("7F")
+    return hex_address in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_study_on_a_two_node_ray_cluster_spreads_its_runs_and_equals_the_local_executor(
+    tmp_path, ray_cluster
+):
+    cluster, _, temp_dir = ray_cluster
+    addresses = listening_addresses(set(processes_naming(temp_dir)))
+    assert addresses and all(_is_loopback(a) for a in addresses), addresses
+    path = scale_study(tmp_path, epochs=2)
+    started = time.time()
+    done = run_study(tmp_path, path, "--executor", "ray", "--address", cluster.address,
+                     env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # fmt: skip
+    ray_s = time.time() - started
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    on_ray = metrics(tmp_path / "study")
+    entries = records(tmp_path)
+    assert len(on_ray) == 4 and len(entries) == 4 and all(e["end"] for e in entries)
+    assert len({e["node"] for e in entries}) == 2, "the runs spread over both nodes"
+    for a, b in overlapping(entries):
+        if a["node"] == b["node"]:
+            assert a["gpus"] != b["gpus"], (a, b)
+    # the same study on the local executor: the same runs, seeds and metrics
+    shutil.move(tmp_path / "study", tmp_path / "on_ray")
+    (tmp_path / "record.jsonl").unlink()
+    started = time.time()
+    done = run_study(tmp_path, path, "--gpus", "2")
+    local_s = time.time() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert metrics(tmp_path / "study") == on_ray
+    print(f"tiny study (4 runs): Ray two nodes {ray_s:.0f} s, local executor {local_s:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray_cluster):
+    cluster, worker, _ = ray_cluster
+    path = scale_study(tmp_path, epochs=6)
+    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", "--executor", "ray",
+               "--address", cluster.address]  # fmt: skip
+    env = {**os.environ, **recorder_env(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    try:
+        worker_node = worker.node_id[:8]
+        deadline = time.time() + 300
+        victim = None
+        while victim is None:  # a run on the worker node that has saved a checkpoint
+            assert driver.poll() is None, driver.communicate()
+            assert time.time() < deadline, "no run reached a checkpoint on the worker node"
+            for entry in records(tmp_path):
+                if entry["node"] == worker_node and entry["end"] is None:
+                    if list((tmp_path / "study" / entry["run"] / "checkpoints").glob("checkpoint-*")):
+                        victim = entry
+            time.sleep(0.2)
+        killed_at = time.time()
+        cluster.remove_node(worker, allow_graceful=False)
+        while _alive(victim["pid"]):  # the run's process dies with its node (its parent-death signal)
+            assert time.time() < killed_at + 60, "the killed node's run outlived it by a minute"
+            time.sleep(0.05)
+        dead_at = time.time()
+        out, err = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    assert driver.returncode == 0, out[-2000:] + err[-3000:]
+    entries = records(tmp_path)
+    by_run: dict[str, list[dict]] = {}
+    for entry in entries:
+        by_run.setdefault(entry["run"], []).append(entry)
+    assert len(by_run) == 4 and len(metrics(tmp_path / "study")) == 4
+    for run, attempts in by_run.items():
+        finished = [a for a in attempts if a["end"] is not None]
+        assert len(finished) == 1, (run, attempts)  # finished once
+        for attempt in attempts:
+            if attempt["end"] is None:  # killed with the node: dead by dead_at
+                attempt["end"] = dead_at
+        assert not overlapping(attempts), (run, attempts)  # never two live copies of one run
+    retried = by_run[victim["run"]]
+    assert len(retried) == 2 and retried[0]["pid"] == victim["pid"] and retried[1]["start"] > dead_at
+    assert retried[1]["node"] != worker_node  # retried on the surviving node
+    log = (tmp_path / "study" / victim["run"] / "run.log").read_text()
+    assert "# resuming from" in log  # continued from its checkpoint
+    result = json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())
+    assert result["resumed_from"]
+    assert not [p for p in processes_naming(str(tmp_path)) if p != driver.pid]
