@@ -48,7 +48,10 @@ def spectra_figure(results: list[dict[str, Any]], path: Path) -> Path:
             ax.plot(range(1, longest + 1), mean, color="C0", linewidth=2.2, label="mean over modules")
         ax.set_yscale("log")
         ax.set_ylabel("singular value / largest")
-        label_panel(ax, _label(result), "index k")
+        label_panel(ax, _label(result), "k (largest first)")
+    low = min(ax.get_ylim()[0] for ax in axes)
+    for ax in axes:  # one scale for every panel: the spectra are compared side by side
+        ax.set_ylim(low, 1.5)
     save(fig, path)
     return path
 

@@ -14,7 +14,9 @@ that returns its markdown lines and its part of the JSON summary (and writes its
 - :func:`ablation_section`: the n ablation's table and plot when the study has one
   (:mod:`melora.lab.study.ablation`);
 - :func:`comparisons_section`: the paired per-seed comparisons with 95% intervals and a verdict each;
-- :func:`evaluations_section`: the evaluations of the chosen runs and of the untuned model.
+- :func:`evaluations_section`: the evaluations of the chosen runs and of the untuned model;
+- :func:`mechanism_section`: with ``analyze: true``, the trained updates' spectra, effective rank and block
+  diversity (:mod:`melora.lab.study.mechanism`).
 
 Every results.json is read through :mod:`melora.lab.study.results`.
 """
@@ -270,6 +272,35 @@ def evaluations_section(spec: StudySpec, plan: Plan) -> Section:
     return lines, {}
 
 
+def mechanism_section(spec: StudySpec, plan: Plan) -> Section:
+    """``analyze: true``: each chosen run's kept adapter analysed once into ``analysis.json``, then a table of
+    effective rank and block diversity per task and method and, per task, the spectra and the effective rank
+    per layer (all from the analysis.json files, so ``--report-only`` needs no adapter)."""
+    from melora.lab.study.mechanism import analyse_runs, mechanism_figures, mechanism_rows, mechanism_table
+
+    if not spec.analyze:
+        return [], {}
+    analyse_runs(spec, plan)
+    rows = mechanism_rows(spec, plan)
+    if not rows:
+        return [], {}
+    lines = [
+        "## The trained updates (`melora analyze`)",
+        "",
+        "Means over the adapted modules of each run's scaled update dW: erank = entropy effective rank "
+        "(exp of the entropy of s / sum(s)), rank>1% = singular values above 1% of the largest; MELoRA: the "
+        "effective number of blocks carrying dW's energy (n = even, 1 = one block), and the mean cos^2 of the "
+        "principal angles between blocks' row / column spaces beside what random subspaces give; LoRA: the "
+        "share of ||dW||_F^2 inside the n diagonal blocks MELoRA could hold (random: 1/n).",
+        "",
+        mechanism_table(rows),
+        "",
+    ]
+    for path in mechanism_figures(spec, plan, spec.root / FIGURES):
+        lines += [f"![{path.stem.replace('_', ' ')}]({FIGURES}/{path.name})", ""]
+    return lines, {"mechanism": rows}
+
+
 SECTIONS: tuple[Callable[[StudySpec, Plan], Section], ...] = (
     header_section,
     scores_section,
@@ -279,6 +310,7 @@ SECTIONS: tuple[Callable[[StudySpec, Plan], Section], ...] = (
     ablation_section,
     comparisons_section,
     evaluations_section,
+    mechanism_section,
 )
 
 
