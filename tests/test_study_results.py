@@ -124,7 +124,10 @@ def test_a_small_study_plans_its_time_to_go_in_minutes(tmp_path):
     line = next(x for x in describe_plan(spec, plan).splitlines() if "runs to go" in x)
     pending = len(plan.pending(is_done))
     assert line.startswith(
-        f"{pending} runs to go: about {4 * pending} min of run time, about {2 * pending} min on 2 workers"
+        f"{pending} runs to go: about {4 * pending} min of run time, about {2 * pending} min with 2 run(s) at once"
     )
+    # a study of one GPU a run on a node of 8 (none is here: the count is given, as --plan --gpus 8 does)
+    eight = describe_plan(spec, plan, slots=8)
+    assert f"{duration_text(4 * pending / 60 / 8)} with 8 run(s) at once" in eight
     text, _ = render.render_study(spec, plan)
     assert f"{pending} known runs to go, about {4 * pending} min of run time" in text

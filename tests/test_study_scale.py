@@ -172,26 +172,6 @@ def test_an_unknown_executor_names_the_choices(tmp_path):
         parse_study(study(tmp_path, executor="slurm"), "s.yaml")
 
 
-# ---- the local executor on a machine with (fake) GPUs --------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_the_local_executor_runs_as_many_runs_as_gpus_each_on_its_own(tmp_path):
-    path = scale_study(tmp_path, epochs=2)
-    done = run_study(tmp_path, path, "--gpus", "2")
-    assert done.returncode == 0, done.stderr[-3000:]
-    entries = records(tmp_path)
-    assert len(entries) == 4 and all(e["end"] for e in entries)
-    assert {e["gpus"] for e in entries} == {"0", "1"}
-    pairs = overlapping(entries)
-    assert pairs, "two GPUs: two runs at once"
-    for a, b in pairs:
-        assert a["gpus"] != b["gpus"], (a, b)
-    for a, b, c in ((x, y, z) for x in entries for y in entries for z in entries):
-        if len({a["pid"], b["pid"], c["pid"]}) == 3:
-            assert not ((a, b) in pairs and (b, c) in pairs and (a, c) in pairs), "never 3 runs on 2 GPUs"
-
-
 # ---- Ray --------------------------------------------------------------------------------------------------
 
 
@@ -264,7 +244,7 @@ def _is_loopback(hex_address: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_a_study_on_a_two_node_ray_cluster_spreads_its_runs_and_equals_the_local_executor(
+def test_a_study_on_two_ray_nodes_spreads_its_runs_and_equals_the_local_executor_on_two_gpus(
     tmp_path, ray_cluster
 ):
     cluster, _, temp_dir = ray_cluster
@@ -283,13 +263,25 @@ def test_a_study_on_a_two_node_ray_cluster_spreads_its_runs_and_equals_the_local
     for a, b in overlapping(entries):
         if a["node"] == b["node"]:
             assert a["gpus"] != b["gpus"], (a, b)
-    # the same study on the local executor: the same runs, seeds and metrics
+    # the same study on the local executor of a machine with 2 (fake) GPUs: two runs at once, each on its own
+    # GPU, never three; the same runs, seeds and metrics as on the cluster
     shutil.move(tmp_path / "study", tmp_path / "on_ray")
     (tmp_path / "record.jsonl").unlink()
     started = time.time()
     done = run_study(tmp_path, path, "--gpus", "2")
     local_s = time.time() - started
     assert done.returncode == 0, done.stderr[-3000:]
+    entries = records(tmp_path)
+    assert len(entries) == 4 and all(e["end"] for e in entries) and {e["gpus"] for e in entries} == {"0", "1"}
+    pairs = overlapping(entries)
+    assert pairs, "two GPUs: two runs at once"
+    assert all(a["gpus"] != b["gpus"] for a, b in pairs), pairs
+    assert not any(
+        (a, b) in pairs and (b, c) in pairs and (a, c) in pairs
+        for i, a in enumerate(entries)
+        for j, b in enumerate(entries[i + 1 :], i + 1)
+        for c in entries[j + 1 :]
+    ), "never three runs on two GPUs"
     assert metrics(tmp_path / "study") == on_ray
     print(f"tiny study (4 runs): Ray two nodes {ray_s:.0f} s, local executor {local_s:.0f} s")
 

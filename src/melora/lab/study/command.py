@@ -473,6 +473,14 @@ def check_only(spec: StudySpec, plan: Plan, only: list[str] | None) -> None:
             )
 
 
+def parallel_runs(spec: StudySpec, pool: Any = None) -> int:
+    """How many runs the local executor runs at once: ``workers``, capped by what the GPUs hold (``pool``);
+    with GPUs and no ``workers``, as many as they hold; else 1."""
+    fit = pool.capacity if pool is not None and pool.capacity else None
+    limits = [x for x in (spec.workers, fit) if x]
+    return min(limits) if limits else 1
+
+
 class LocalExecutor:
     """Runs jobs as processes of this machine: ``workers`` at once, or with ``gpus_per_run`` as many as
     the GPUs hold, each with its own ``CUDA_VISIBLE_DEVICES`` (:mod:`melora.lab.study.devices`)."""
@@ -482,8 +490,7 @@ class LocalExecutor:
 
         self.spec = spec
         self.pool = local_pool(spec.gpus_per_run, gpus)
-        fit = self.pool.capacity if self.pool is not None and self.pool.capacity else None
-        self.slots = min(x for x in (spec.workers, fit) if x) if (spec.workers or fit) else 1
+        self.slots = parallel_runs(spec, self.pool)
         self.threads = ThreadPoolExecutor(max_workers=self.slots)
         self._gpus: dict[Future, list[str] | None] = {}
 
@@ -639,8 +646,10 @@ def logged_epoch(job: Job) -> float | None:
     return float(found[-1]) if found else None
 
 
-def describe_plan(spec: StudySpec, plan: Plan) -> str:
-    """One line per job: done / running (epoch reached of the budget) / to run."""
+def describe_plan(spec: StudySpec, plan: Plan, slots: int | None = None) -> str:
+    """One line per job: done / running (epoch reached of the budget, and where: pid, host, node, GPU) /
+    to run; then the time to go with ``slots`` runs at once (default: the local executor's)."""
+    slots = slots or parallel_runs(spec)
     lines = []
     for job in plan.jobs:
         holder = None
@@ -660,7 +669,7 @@ def describe_plan(spec: StudySpec, plan: Plan) -> str:
     if togo and togo["runs"]:
         lines.append(
             f"{togo['runs']} runs to go: {duration_text(togo['run_hours'])} of run time, "
-            f"{duration_text(togo['run_hours'] / (spec.workers or 1))} on {spec.workers or 1} workers "
+            f"{duration_text(togo['run_hours'] / slots)} with {slots} run(s) at once "
             "(at the mean wall time of finished runs of the same task and method kind)"
         )
     waiting = [f"{t}/{s}" for (t, s) in plan.sweeps if (t, s) not in plan.chosen]
@@ -708,7 +717,12 @@ def _main(args: argparse.Namespace) -> int:
             )
         spec.ray_address = args.address
     if args.plan:
-        print(describe_plan(spec, plan_study(spec)))
+        slots = None
+        if spec.executor == "local" and spec.gpus_per_run is not None:
+            from melora.lab.study.devices import local_pool
+
+            slots = parallel_runs(spec, local_pool(spec.gpus_per_run, args.gpus))
+        print(describe_plan(spec, plan_study(spec), slots))
         return 0
     failed: list[str] = []
     left: dict[str, str] = {}
