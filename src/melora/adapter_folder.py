@@ -304,6 +304,15 @@ def save_adapter(model: Any, output_dir: str | os.PathLike, **kwargs: Any) -> Pa
     return Path(output_dir)
 
 
+def find_adapter_folder(path: str | os.PathLike) -> Path | None:
+    """The adapter folder ``path`` names: itself when it holds adapter_config.json, else its ``adapter/`` (the
+    run folder of ``melora glue`` / ``melora instruct``); None when neither does."""
+    for candidate in (Path(path), Path(path) / "adapter"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return candidate
+    return None
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """The adapter_config.json of ``adapter_dir`` as a dict, with a clear error when missing or corrupt."""
     return read_adapter(adapter_dir, weights=False)[0]

@@ -24,7 +24,7 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from melora import spectra
-from melora.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter
+from melora.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, find_adapter_folder, read_adapter
 from melora.errors import UserError
 from melora.export import config_from_dict
 from melora.tuner.config import PEFT_TYPE
@@ -66,9 +66,9 @@ def adapter_folder_of(path: str | os.PathLike) -> Path:
     """The adapter folder ``path`` names: itself when it holds adapter_config.json, else its ``adapter/``
     (a run folder of ``melora glue`` / ``melora instruct``)."""
     folder = Path(path)
-    for candidate in (folder, folder / "adapter"):
-        if (candidate / ADAPTER_CONFIG).is_file():
-            return candidate
+    found = find_adapter_folder(folder)
+    if found is not None:
+        return found
     if (folder / "model").is_dir():
         raise UserError(
             f"melora.analysis: {folder} is the run folder of a full fine-tune (model/ holds a whole model, no "

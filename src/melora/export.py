@@ -28,7 +28,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from melora.adapter_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, atomic_directory, read_adapter
+from melora.adapter_folder import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    atomic_directory,
+    find_adapter_folder,
+    read_adapter,
+)
 from melora.errors import ConfigError, UserError
 from melora.functional import to_lora_factors
 from melora.tuner.config import PEFT_TYPE, MELoRAConfig
@@ -391,11 +397,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry of ``melora export-lora``."""
-    source = Path(args.adapter_dir)
+    source = find_adapter_folder(args.adapter_dir) or Path(args.adapter_dir)  # a run folder: its adapter/
     if not (source / ADAPTER_CONFIG).is_file():
-        if (source / "adapter" / ADAPTER_CONFIG).is_file():
-            source = source / "adapter"  # a run folder of melora glue / instruct
-        elif (source / "model").is_dir():
+        if (source / "model").is_dir():
             raise UserError(
                 f"{source} is the run folder of a full fine-tune: its model/ holds a whole model, not an "
                 "adapter, so there is no LoRA to export. Pass a MELoRA adapter folder or a MELoRA run folder."

@@ -112,6 +112,7 @@ def resolve_adapter(path: str | None) -> tuple[str | None, Any]:
     method, r, n and seed, which label the evaluation; a bare adapter folder is labelled from its
     adapter_config.json.
     """
+    from melora.adapter_folder import find_adapter_folder
     from melora.lab.records import RESULTS_FILE, RunRecord
 
     if path is None:
@@ -119,13 +120,13 @@ def resolve_adapter(path: str | None) -> tuple[str | None, Any]:
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"--adapter {folder} does not exist.")
-    for candidate in (folder, folder / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            run_dir = candidate.parent if candidate.name == "adapter" else candidate
-            record = RunRecord.read(run_dir) if (run_dir / RESULTS_FILE).is_file() else None
-            if record is not None and record.kind == "eval":
-                record = None
-            return str(candidate), record
+    candidate = find_adapter_folder(folder)
+    if candidate is not None:
+        run_dir = candidate.parent if candidate.name == "adapter" else candidate
+        record = RunRecord.read(run_dir) if (run_dir / RESULTS_FILE).is_file() else None
+        if record is not None and record.kind == "eval":
+            record = None
+        return str(candidate), record
     raise FileNotFoundError(
         f"--adapter {folder}: no adapter_config.json there or in {folder / 'adapter'} "
         "(pass a PEFT adapter folder or a melora run folder)."
