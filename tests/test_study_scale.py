@@ -340,3 +340,12 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
     result = json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())
     assert result["resumed_from"]
     assert not [p for p in processes_naming(str(tmp_path)) if p != driver.pid]
+
+
+def test_executor_ray_without_ray_says_what_to_install(tmp_path, monkeypatch):
+    from melora.lab.study.ray_executor import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray fails as where it is not installed
+    spec = parse_study(study(tmp_path, executor="ray"), "s.yaml")
+    with pytest.raises(UserError, match=r"^executor ray needs Ray .*pip install 'melora\[ray\]'$"):
+        RayExecutor(spec)
