@@ -1,16 +1,19 @@
 """melora study across GPUs and machines: the local executor's GPU assignment, and Ray clusters.
 
 The local executor is tested with a fake GPU count (``--gpus 2``: the runs see CUDA_VISIBLE_DEVICES 0 and 1
-and train on the CPU). The Ray tests start a real two-node Ray cluster on this machine (Ray's own
+and train on the CPU). The Ray tests start real Ray clusters on this machine (Ray's own
 ``ray.cluster_utils.Cluster``), every server bound to 127.0.0.1 only, each node declaring 2 GPUs it does not
 have; the cluster is torn down whatever happens. A ``sitecustomize`` on the runs' path records, independent
-of the study's bookkeeping, each training process: its run, CUDA_VISIBLE_DEVICES, node, start and end.
-"""
+of the study's bookkeeping, each training process: its run, CUDA_VISIBLE_DEVICES, node, start and end; and
+it freezes (SIGSTOP) the runs of the node named in ``<tmp>/hold`` once they have saved a checkpoint, so that
+a test's kill lands mid-run whatever the machine's load."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +42,16 @@ if "--config" in sys.argv and os.environ.get("SCALE_RECORD"):  # a training run:
             out.write(json.dumps({**record, "event": event, "t": time.time()}) + "\\n")
     _write("start")
     atexit.register(_write, "end")
+    hold = os.environ.get("SCALE_HOLD")  # a file naming a node: its runs stop once they have a checkpoint
+    if hold and os.path.exists(hold) and open(hold).read().strip() == record["node"]:
+        import glob, signal, threading
+        def _hold():
+            folder = os.path.dirname(record["config"])
+            while not glob.glob(os.path.join(folder, "checkpoints", "checkpoint-*", "trainer_state.json")):
+                time.sleep(0.05)
+            _write("held")
+            os.kill(os.getpid(), signal.SIGSTOP)  # frozen until its node dies (SIGKILL still lands)
+        threading.Thread(target=_hold, daemon=True).start()
 """
 
 
@@ -50,6 +63,7 @@ def recorder_env(tmp_path) -> dict[str, str]:
         "PYTHONPATH": os.pathsep.join([str(site), str(REPO / "src")]),
         "SCALE_RECORD": str(tmp_path / "record.jsonl"),
         "OMP_NUM_THREADS": "1",
+        "SCALE_HOLD": str(tmp_path / "hold"),
     }
 
 
@@ -62,6 +76,8 @@ def records(tmp_path) -> list[dict]:
         entry = by_pid.setdefault(event["pid"], {**event, "end": None})
         if event["event"] == "end":
             entry["end"] = event["t"]
+        if event["event"] == "held":
+            entry["held"] = event["t"]
     for entry in by_pid.values():
         entry["run"] = str(Path(entry["config"]).parent.relative_to(tmp_path / "study"))
     return sorted(by_pid.values(), key=lambda e: e["start"])
@@ -175,17 +191,31 @@ def test_an_unknown_executor_names_the_choices(tmp_path):
 # ---- Ray --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def ray_cluster(tmp_path):
-    """Two Ray nodes on 127.0.0.1, 2 CPUs and 2 (declared) GPUs each; yields (cluster, worker node)."""
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+BLIND_NODE = """
+import sys, time, types
+from ray.cluster_utils import Cluster
+cluster = Cluster()  # its head runs elsewhere: join it
+cluster.head_node = types.SimpleNamespace(gcs_address=sys.argv[1])
+node = cluster.add_node(node_ip_address="127.0.0.1", num_cpus=2, num_gpus=2)
+print("joined", node.node_id[:8], flush=True)
+while True:
+    time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def local_ray(tmp_path, workers: int):
+    """A Ray cluster on 127.0.0.1: a head and ``workers`` worker nodes, 2 CPUs and 2 (declared) GPUs each;
+    yields (cluster, worker nodes, temp dir). Torn down whatever happens."""
     pytest.importorskip("ray")
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
     saved = dict(os.environ)
     # Ray resolves 127.0.0.1 to the machine's outward address unless single-machine mode is on; with it on,
     # every server binds the loopback address only (checked below)
-    os.environ.update(
-        recorder_env(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0"
-    )
+    os.environ.update(recorder_env(tmp_path), **RAY_ENV)
+    os.environ["RAY_TMPDIR"] = temp_dir  # what Ray writes outside its session (the address file) stays in it
+    os.makedirs(os.path.join(temp_dir, "ray"))
     from ray.cluster_utils import Cluster
 
     cluster = None
@@ -193,8 +223,7 @@ def ray_cluster(tmp_path):
         common = {"node_ip_address": "127.0.0.1", "num_cpus": 2, "num_gpus": 2}
         cluster = Cluster(initialize_head=True, head_node_args={**common, "include_dashboard": False,
                                                                  "temp_dir": temp_dir})  # fmt: skip
-        worker = cluster.add_node(**common)
-        yield cluster, worker, temp_dir
+        yield cluster, [cluster.add_node(**common) for _ in range(workers)], temp_dir
     finally:
         os.environ.clear()
         os.environ.update(saved)
@@ -206,6 +235,20 @@ def ray_cluster(tmp_path):
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """Two nodes: (cluster, the worker node, temp dir)."""
+    with local_ray(tmp_path, workers=1) as (cluster, workers, temp_dir):
+        yield cluster, workers[0], temp_dir
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """One node: (cluster, temp dir)."""
+    with local_ray(tmp_path, workers=0) as (cluster, _, temp_dir):
+        yield cluster, temp_dir
 
 
 def _alive(pid: int) -> bool:
@@ -253,7 +296,7 @@ def test_a_study_on_two_ray_nodes_spreads_its_runs_and_equals_the_local_executor
     path = scale_study(tmp_path, epochs=2)
     started = time.time()
     done = run_study(tmp_path, path, "--executor", "ray", "--address", cluster.address,
-                     env={"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})  # fmt: skip
+                     env=RAY_ENV)  # fmt: skip
     ray_s = time.time() - started
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     on_ray = metrics(tmp_path / "study")
@@ -290,23 +333,23 @@ def test_a_study_on_two_ray_nodes_spreads_its_runs_and_equals_the_local_executor
 @pytest.mark.ray
 def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray_cluster):
     cluster, worker, _ = ray_cluster
-    path = scale_study(tmp_path, epochs=6)
+    path = scale_study(tmp_path, epochs=2)
     command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", "--executor", "ray",
                "--address", cluster.address]  # fmt: skip
-    env = {**os.environ, **recorder_env(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    env = {**os.environ, **recorder_env(tmp_path), **RAY_ENV}
+    worker_node = worker.node_id[:8]
+    # the worker node's runs stop after their first checkpoint, so the kill lands mid-run whatever the load
+    (tmp_path / "hold").write_text(worker_node)
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # fmt: skip
     try:
-        worker_node = worker.node_id[:8]
         deadline = time.time() + 300
         victim = None
-        while victim is None:  # a run on the worker node that has saved a checkpoint
+        while victim is None:  # a run on the worker node, held (stopped) once it has saved a checkpoint
             assert driver.poll() is None, driver.communicate()
             assert time.time() < deadline, "no run reached a checkpoint on the worker node"
-            for entry in records(tmp_path):
-                if entry["node"] == worker_node and entry["end"] is None:
-                    if list((tmp_path / "study" / entry["run"] / "checkpoints").glob("checkpoint-*")):
-                        victim = entry
+            held = [e for e in records(tmp_path) if e["node"] == worker_node and e.get("held")]
+            victim = held[0] if held else None
             time.sleep(0.2)
         killed_at = time.time()
         cluster.remove_node(worker, allow_graceful=False)
@@ -340,6 +383,93 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
     result = json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())
     assert result["resumed_from"]
     assert not [p for p in processes_naming(str(tmp_path)) if p != driver.pid]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_a_driver_killed_mid_study_then_started_again_finishes_every_run_once(tmp_path, ray_head):
+    cluster, _ = ray_head
+    path = scale_study(tmp_path, epochs=2, lrs=(1e-3, 3e-3))
+    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", "--executor", "ray",
+               "--address", cluster.address]  # fmt: skip
+    env = {**os.environ, **recorder_env(tmp_path), **RAY_ENV}
+    (tmp_path / "hold").write_text(cluster.head_node.node_id[:8])  # runs stop after their first checkpoint
+    driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        held: list[dict] = []
+        while len(held) < 2:  # both (declared) GPUs busy with a run that has a checkpoint
+            assert driver.poll() is None, driver.communicate()
+            assert time.time() < deadline, "two runs never reached a checkpoint"
+            held = [e for e in records(tmp_path) if e.get("held")]
+            time.sleep(0.2)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the runs live in Ray's workers
+        driver.wait()
+        killed_at = time.time()
+        while any(_alive(e["pid"]) for e in held):  # Ray ends a dead driver's tasks, and their runs with them
+            assert time.time() < killed_at + 60, "the runs of a dead driver outlived it by a minute"
+            time.sleep(0.05)
+        dead_at = time.time()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    (tmp_path / "hold").unlink()
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    by_run: dict[str, list[dict]] = {}
+    for entry in records(tmp_path):
+        by_run.setdefault(entry["run"], []).append(entry)
+    assert len(by_run) == 2 and len(metrics(tmp_path / "study")) == 2
+    for run, attempts in by_run.items():
+        assert len([a for a in attempts if a["end"] is not None]) == 1, (run, attempts)  # finished once
+        for attempt in attempts:
+            attempt["end"] = attempt["end"] or dead_at
+        assert not overlapping(attempts), (run, attempts)
+    for victim in held:  # each killed run was started again after its death and continued its checkpoint
+        attempts = by_run[victim["run"]]
+        assert len(attempts) == 2 and attempts[0]["pid"] == victim["pid"] and attempts[1]["start"] > dead_at
+        assert "# resuming from" in (tmp_path / "study" / victim["run"] / "run.log").read_text()
+        assert json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())["resumed_from"]
+
+
+@pytest.mark.ray
+def test_a_node_that_cannot_see_the_study_folder_is_named_before_any_run_starts(tmp_path, ray_head):
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare (user and mount namespaces) to give a node its own view of the disk")
+    cluster, temp_dir = ray_head
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = scale_study(tmp_path, output_dir=str(shared / "study"))
+    # a second node like a machine that does not mount the shared storage: in its own mount namespace an empty
+    # file system lies over the study's folder (the model and data it still sees). It joins as the fixture's
+    # nodes do (`ray start` joins no cluster in single-machine mode, and outside it binds the outward address)
+    log = tmp_path / "node.log"
+    with open(log, "w") as out:
+        node = subprocess.Popen(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs tmpfs "$1" && shift && exec "$@"',
+                                 "sh", str(shared), sys.executable, "-c", BLIND_NODE, cluster.address],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not (joined := re.findall(r"^joined ([0-9a-f]{8})", log.read_text(), re.M)):
+            assert node.poll() is None and time.time() < deadline, (
+                "the node did not start: " + log.read_text()
+            )
+            time.sleep(0.2)
+        addresses = listening_addresses(set(processes_naming(temp_dir)))
+        assert addresses and all(_is_loopback(a) for a in addresses), addresses
+        done = run_study(tmp_path, path, "--executor", "ray", "--address", cluster.address, env=RAY_ENV,
+                         timeout=300)  # fmt: skip
+    finally:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "cannot see" in line]
+    assert len(lines) == 1 and str(shared / "study") in lines[0], done.stderr[-3000:]
+    assert re.findall(r"\(node ([0-9a-f]{8})\)", lines[0]) == joined, lines[0]  # that node, and only it
+    assert not records(tmp_path), "no run started"
+    assert not list((shared / "study").glob(".storage-check-*")), "the probe file is removed"
 
 
 def test_executor_ray_without_ray_says_what_to_install(tmp_path, monkeypatch):

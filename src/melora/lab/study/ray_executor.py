@@ -47,11 +47,9 @@ def _run_job(spec: StudySpec, job: Job, cwd: str) -> int | None:
     return execute(spec, job, {"MELORA_RAY_NODE": node}, where, lock_wait_s=LOCK_WAIT_S)
 
 
-def _sees(cwd: str, probe: str) -> tuple[str, bool, bool]:
+def _sees(cwd: str, probe: str) -> tuple[bool, bool]:
     """The storage check's task: does this node see the driver's folder and the probe file it wrote?"""
-    import ray
-
-    return ray.get_runtime_context().get_node_id(), os.path.isdir(cwd), os.path.isfile(probe)
+    return os.path.isdir(cwd), os.path.isfile(probe)
 
 
 class RayExecutor:
@@ -129,7 +127,7 @@ class RayExecutor:
                 if ref not in ready:
                     blind.append(f"{node['NodeManagerAddress']} (no answer in {CHECK_TIMEOUT_S:.0f} s)")
                     continue
-                _, sees_cwd, sees_probe = ray.get(ref)
+                sees_cwd, sees_probe = ray.get(ref)
                 if not (sees_cwd and sees_probe):
                     blind.append(f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})")
         finally:
