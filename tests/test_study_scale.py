@@ -404,6 +404,15 @@ def test_a_driver_killed_mid_study_then_started_again_finishes_every_run_once(tm
             assert time.time() < deadline, "two runs never reached a checkpoint"
             held = [e for e in records(tmp_path) if e.get("held")]
             time.sleep(0.2)
+        # --plan says where each running run is: its node and its GPU, as Ray gave them
+        shown = subprocess.run([*command, "--plan"], env=env, capture_output=True, text=True, timeout=120)
+        assert len({e["gpus"] for e in held}) == 2, held
+        for entry in held:
+            line = [x for x in shown.stdout.splitlines() if f" {entry['run']} " in x] or [
+                shown.stdout + shown.stderr
+            ]
+            assert line[0].startswith("running"), line[0]
+            assert f"(node {entry['node']} gpu {entry['gpus']})]" in line[0], line[0]
         os.killpg(driver.pid, signal.SIGKILL)  # the driver only: the runs live in Ray's workers
         driver.wait()
         killed_at = time.time()
