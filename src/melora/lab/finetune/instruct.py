@@ -67,7 +67,11 @@ class InstructArgs:
     )
     gradient_checkpointing: bool = opt(False, "trade compute for activation memory")
     logging_steps: int = opt(1, "log the training loss every K steps")
-    eval_base: bool = opt(True, "also measure the held-out loss before training")
+    eval_base: bool = opt(
+        True,
+        "also measure the held-out loss before training (it draws from the random stream: the same run "
+        "without it sees its batches in another order)",
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
