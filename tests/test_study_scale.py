@@ -251,6 +251,40 @@ def ray_head(tmp_path):
         yield cluster, temp_dir
 
 
+def ray_study(path: Path, cluster) -> list[str]:
+    """The command line of the study at ``path`` on ``cluster``."""
+    return [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", "--executor", "ray",
+            "--address", cluster.address]  # fmt: skip
+
+
+def wait_until_held(tmp_path, driver: subprocess.Popen, count: int, node: str | None = None) -> list[dict]:
+    """The first ``count`` runs (of ``node``, or of any node) frozen after their checkpoint (``hold``)."""
+    deadline = time.time() + 300
+    where = f" on node {node}" if node else ""
+    while True:
+        held = [e for e in records(tmp_path) if e.get("held") and node in (None, e["node"])]
+        if len(held) >= count:
+            return held[:count]
+        assert driver.poll() is None, driver.communicate()
+        assert time.time() < deadline, f"{count} run(s) never reached a checkpoint{where}"
+        time.sleep(0.2)
+
+
+def each_run_finished_once(tmp_path, runs: int, dead_at: float) -> dict[str, list[dict]]:
+    """Each run's training processes, by run: ``runs`` runs with results, each finished by exactly one process
+    and never two alive at once (a process killed mid-run, with no end, counts as dead by ``dead_at``)."""
+    by_run: dict[str, list[dict]] = {}
+    for entry in records(tmp_path):
+        by_run.setdefault(entry["run"], []).append(entry)
+    assert len(by_run) == runs and len(metrics(tmp_path / "study")) == runs
+    for run, attempts in by_run.items():
+        assert len([a for a in attempts if a["end"] is not None]) == 1, (run, attempts)  # finished once
+        for attempt in attempts:
+            attempt["end"] = attempt["end"] or dead_at
+        assert not overlapping(attempts), (run, attempts)  # never two live copies of one run
+    return by_run
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -334,8 +368,7 @@ def test_a_study_on_two_ray_nodes_spreads_its_runs_and_equals_the_local_executor
 def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray_cluster):
     cluster, worker, _ = ray_cluster
     path = scale_study(tmp_path, epochs=2)
-    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", "--executor", "ray",
-               "--address", cluster.address]  # fmt: skip
+    command = ray_study(path, cluster)
     env = {**os.environ, **recorder_env(tmp_path), **RAY_ENV}
     worker_node = worker.node_id[:8]
     # the worker node's runs stop after their first checkpoint, so the kill lands mid-run whatever the load
@@ -343,14 +376,7 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
     driver = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 300
-        victim = None
-        while victim is None:  # a run on the worker node, held (stopped) once it has saved a checkpoint
-            assert driver.poll() is None, driver.communicate()
-            assert time.time() < deadline, "no run reached a checkpoint on the worker node"
-            held = [e for e in records(tmp_path) if e["node"] == worker_node and e.get("held")]
-            victim = held[0] if held else None
-            time.sleep(0.2)
+        (victim,) = wait_until_held(tmp_path, driver, 1, worker_node)
         killed_at = time.time()
         cluster.remove_node(worker, allow_graceful=False)
         while _alive(victim["pid"]):  # the run's process dies with its node (its parent-death signal)
@@ -363,18 +389,7 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
     assert driver.returncode == 0, out[-2000:] + err[-3000:]
-    entries = records(tmp_path)
-    by_run: dict[str, list[dict]] = {}
-    for entry in entries:
-        by_run.setdefault(entry["run"], []).append(entry)
-    assert len(by_run) == 4 and len(metrics(tmp_path / "study")) == 4
-    for run, attempts in by_run.items():
-        finished = [a for a in attempts if a["end"] is not None]
-        assert len(finished) == 1, (run, attempts)  # finished once
-        for attempt in attempts:
-            if attempt["end"] is None:  # killed with the node: dead by dead_at
-                attempt["end"] = dead_at
-        assert not overlapping(attempts), (run, attempts)  # never two live copies of one run
+    by_run = each_run_finished_once(tmp_path, 4, dead_at)
     retried = by_run[victim["run"]]
     assert len(retried) == 2 and retried[0]["pid"] == victim["pid"] and retried[1]["start"] > dead_at
     assert retried[1]["node"] != worker_node  # retried on the surviving node
@@ -390,20 +405,14 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
 def test_a_driver_killed_mid_study_then_started_again_finishes_every_run_once(tmp_path, ray_head):
     cluster, _ = ray_head
     path = scale_study(tmp_path, epochs=2, lrs=(1e-3, 3e-3))
-    command = [sys.executable, "-m", "melora.cli", "study", str(path), "--no-progress", "--executor", "ray",
-               "--address", cluster.address]  # fmt: skip
+    command = ray_study(path, cluster)
     env = {**os.environ, **recorder_env(tmp_path), **RAY_ENV}
     (tmp_path / "hold").write_text(cluster.head_node.node_id[:8])  # runs stop after their first checkpoint
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # fmt: skip
     try:
-        deadline = time.time() + 300
-        held: list[dict] = []
-        while len(held) < 2:  # both (declared) GPUs busy with a run that has a checkpoint
-            assert driver.poll() is None, driver.communicate()
-            assert time.time() < deadline, "two runs never reached a checkpoint"
-            held = [e for e in records(tmp_path) if e.get("held")]
-            time.sleep(0.2)
+        # both (declared) GPUs busy with a run that has a checkpoint
+        held = wait_until_held(tmp_path, driver, 2)
         # --plan says where each running run is: its node and its GPU, as Ray gave them
         shown = subprocess.run([*command, "--plan"], env=env, capture_output=True, text=True, timeout=120)
         assert len({e["gpus"] for e in held}) == 2, held
@@ -427,15 +436,7 @@ def test_a_driver_killed_mid_study_then_started_again_finishes_every_run_once(tm
     (tmp_path / "hold").unlink()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
-    by_run: dict[str, list[dict]] = {}
-    for entry in records(tmp_path):
-        by_run.setdefault(entry["run"], []).append(entry)
-    assert len(by_run) == 2 and len(metrics(tmp_path / "study")) == 2
-    for run, attempts in by_run.items():
-        assert len([a for a in attempts if a["end"] is not None]) == 1, (run, attempts)  # finished once
-        for attempt in attempts:
-            attempt["end"] = attempt["end"] or dead_at
-        assert not overlapping(attempts), (run, attempts)
+    by_run = each_run_finished_once(tmp_path, 2, dead_at)
     for victim in held:  # each killed run was started again after its death and continued its checkpoint
         attempts = by_run[victim["run"]]
         assert len(attempts) == 2 and attempts[0]["pid"] == victim["pid"] and attempts[1]["start"] > dead_at
