@@ -209,9 +209,12 @@ def test_kill_and_resume_gives_the_uninterrupted_adapter(tmp_path, tiny_model_di
     cut = tmp_path / "cut"
     assert main([*common, "--output-dir", str(cut), "--stop-after-steps", "2"]) == 0
     assert not (cut / "results.json").exists() and (cut / "checkpoints" / "checkpoint-2").is_dir()
-    torn = cut / "checkpoints" / "checkpoint-3"
-    torn.mkdir()
-    (torn / "adapter_model.safetensors").write_bytes(b"\0" * 8)  # no trainer_state.json: incomplete
+    for step, state in ((4, None), (3, "")):  # killed before trainer_state.json, or before its text is in
+        torn = cut / "checkpoints" / f"checkpoint-{step}"
+        torn.mkdir()
+        (torn / "adapter_model.safetensors").write_bytes(b"\0" * 8)
+        if state is not None:
+            (torn / "trainer_state.json").write_text(state)
     assert main([*common, "--output-dir", str(cut), "--resume"]) == 0
     results = json.loads((cut / "results.json").read_text())
     assert results["resumed_from"].endswith("checkpoint-2")

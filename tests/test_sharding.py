@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,7 +45,11 @@ def test_a_checkpoint_of_fsdp_shards_counts_as_complete(tmp_path):
     shards = tmp_path / "checkpoint-4" / "pytorch_model_fsdp_0"
     shards.mkdir(parents=True)
     assert last_complete_checkpoint(tmp_path) is None  # no trainer_state.json yet: cut short
-    (shards.parent / "trainer_state.json").write_text("{}")
+    state = shards.parent / "trainer_state.json"
+    for torn in ("", '{"best_metric": null, "global_step": 4, "log_hist', "{}"):  # created, not (all) written
+        state.write_text(torn)
+        assert last_complete_checkpoint(tmp_path) is None, torn
+    state.write_text(json.dumps({"best_metric": None, "global_step": 4, "log_history": []}))
     assert last_complete_checkpoint(tmp_path) == str(shards.parent)
 
 

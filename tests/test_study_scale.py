@@ -5,8 +5,9 @@ and train on the CPU). The Ray tests start real Ray clusters on this machine (Ra
 ``ray.cluster_utils.Cluster``), every server bound to 127.0.0.1 only, each node declaring 2 GPUs it does not
 have; the cluster is torn down whatever happens. A ``sitecustomize`` on the runs' path records, independent
 of the study's bookkeeping, each training process: its run, CUDA_VISIBLE_DEVICES, node, start and end; and
-it freezes (SIGSTOP) the runs of the node named in ``<tmp>/hold`` once they have saved a checkpoint, so that
-a test's kill lands mid-run whatever the machine's load."""
+it freezes (SIGSTOP) the runs of the node named in ``<tmp>/hold`` as soon as Trainer has saved their first
+checkpoint (in Trainer's own thread, so the freeze is at that point), so that a test's kill lands mid-run
+whatever the machine's load."""
 
 from __future__ import annotations
 
@@ -44,14 +45,25 @@ if "--config" in sys.argv and os.environ.get("SCALE_RECORD"):  # a training run:
     atexit.register(_write, "end")
     hold = os.environ.get("SCALE_HOLD")  # a file naming a node: its runs stop once they have a checkpoint
     if hold and os.path.exists(hold) and open(hold).read().strip() == record["node"]:
-        import glob, signal, threading
-        def _hold():
-            folder = os.path.dirname(record["config"])
-            while not glob.glob(os.path.join(folder, "checkpoints", "checkpoint-*", "trainer_state.json")):
-                time.sleep(0.05)
-            _write("held")
-            os.kill(os.getpid(), signal.SIGSTOP)  # frozen until its node dies (SIGKILL still lands)
-        threading.Thread(target=_hold, daemon=True).start()
+        import importlib.abc, importlib.util, signal
+        class _Hold(importlib.abc.MetaPathFinder):  # Trainer freezes its process once its first checkpoint is whole
+            def find_spec(self, name, path=None, target=None):
+                if name != "transformers.trainer":
+                    return None
+                sys.meta_path.remove(self)
+                spec = importlib.util.find_spec(name)
+                load = spec.loader.exec_module
+                def exec_module(module):
+                    load(module)
+                    save = module.Trainer._save_checkpoint
+                    def _save_then_freeze(trainer, *args, **kwargs):
+                        save(trainer, *args, **kwargs)
+                        _write("held")
+                        os.kill(os.getpid(), signal.SIGSTOP)  # frozen until its node dies (SIGKILL still lands)
+                    module.Trainer._save_checkpoint = _save_then_freeze
+                spec.loader.exec_module = exec_module
+                return spec
+        sys.meta_path.insert(0, _Hold())
 """
 
 
@@ -94,6 +106,9 @@ def overlapping(entries: list[dict]) -> list[tuple[dict, dict]]:
     return pairs
 
 
+FIRST_CHECKPOINT = "checkpoint-6"  # a scale_study run's first epoch: 48 examples in batches of 8
+
+
 def scale_study(tmp_path, epochs: int = 1, lrs=(1e-3, 3e-3, 1e-2, 3e-2), **overrides) -> Path:
     """A tiny LoRA study: one run per learning rate (no tuning), seed 0, with one GPU each."""
     from tests.tiny_models import write_tiny_glue
@@ -109,6 +124,15 @@ def scale_study(tmp_path, epochs: int = 1, lrs=(1e-3, 3e-3, 1e-2, 3e-2), **overr
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def failed_logs(root: Path) -> str:
+    """The end of each unfinished run's log (what a failed assertion shows)."""
+    return "".join(
+        f"\n--- {log.parent.relative_to(root)}\n{log.read_text()[-1500:]}"
+        for log in sorted(root.glob("*/*/*/*/run.log"))
+        if not (log.parent / "results.json").exists()
+    )
 
 
 def run_study(tmp_path, path: Path, *flags: str, env: dict | None = None, timeout: float = 600):
@@ -388,7 +412,7 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
             driver.wait()
-    assert driver.returncode == 0, out[-2000:] + err[-3000:]
+    assert driver.returncode == 0, out[-2000:] + err[-3000:] + failed_logs(tmp_path / "study")
     by_run = each_run_finished_once(tmp_path, 4, dead_at)
     retried = by_run[victim["run"]]
     assert len(retried) == 2 and retried[0]["pid"] == victim["pid"] and retried[1]["start"] > dead_at
@@ -396,7 +420,7 @@ def test_a_node_killed_mid_study_ends_with_every_run_finished_once(tmp_path, ray
     log = (tmp_path / "study" / victim["run"] / "run.log").read_text()
     assert "# resuming from" in log  # continued from its checkpoint
     result = json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())
-    assert result["resumed_from"]
+    assert Path(result["resumed_from"]).name == FIRST_CHECKPOINT
     assert not [p for p in processes_naming(str(tmp_path)) if p != driver.pid]
 
 
@@ -435,13 +459,16 @@ def test_a_driver_killed_mid_study_then_started_again_finishes_every_run_once(tm
             driver.wait()
     (tmp_path / "hold").unlink()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert again.returncode == 0, (
+        again.stdout[-2000:] + again.stderr[-3000:] + failed_logs(tmp_path / "study")
+    )
     by_run = each_run_finished_once(tmp_path, 2, dead_at)
     for victim in held:  # each killed run was started again after its death and continued its checkpoint
         attempts = by_run[victim["run"]]
         assert len(attempts) == 2 and attempts[0]["pid"] == victim["pid"] and attempts[1]["start"] > dead_at
         assert "# resuming from" in (tmp_path / "study" / victim["run"] / "run.log").read_text()
-        assert json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())["resumed_from"]
+        result = json.loads((tmp_path / "study" / victim["run"] / "results.json").read_text())
+        assert Path(result["resumed_from"]).name == FIRST_CHECKPOINT
 
 
 @pytest.mark.ray

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -172,7 +173,8 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
     """The newest ``checkpoint-N`` under ``folder`` holding trainer state and weights, or None.
 
     A kill while Trainer writes a checkpoint leaves a folder without ``trainer_state.json`` (it is
-    written last); such a folder is skipped with a warning and the previous checkpoint is used.
+    written last), or with one cut short (Trainer writes it in place: the file exists, empty, before its
+    text is in it); such a folder is skipped with a warning and the previous checkpoint is used.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -181,13 +183,22 @@ def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:
         (p for p in folder.iterdir() if p.is_dir() and _step(p) >= 0), key=_step, reverse=True
     )
     for path in candidates:
-        whole = (path / _CHECKPOINT_STATE).is_file() and (
+        whole = _readable_state(path / _CHECKPOINT_STATE) and (
             any((path / w).is_file() for w in _CHECKPOINT_WEIGHTS) or (path / _FSDP_SHARDS).is_dir()
         )
         if whole:
             return str(path)
         logger.warning("%s is incomplete (interrupted while saving); skipping it", path)
     return None
+
+
+def _readable_state(path: Path) -> bool:
+    """``trainer_state.json`` is there and whole: a JSON object with its ``global_step``."""
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
 
 
 class StopAfterSteps(TrainerCallback):
