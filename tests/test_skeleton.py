@@ -19,7 +19,7 @@ from melora.lab.finetune.training import (
 def _checkpoint(folder: Path, step: int) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "trainer_state.json").write_text("{}")
+    (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
     (path / "adapter_model.safetensors").write_bytes(b"x")
     return path
 

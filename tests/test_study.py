@@ -269,8 +269,20 @@ def fake_checkpoint(folder: Path, step: int, whole: bool = True) -> Path:
     path.mkdir(parents=True)
     (path / "adapter_model.safetensors").write_bytes(b"x")
     if whole:
-        (path / "trainer_state.json").write_text("{}")
+        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return path
+
+
+def whole_checkpoints(run: Path) -> list[Path]:
+    """The run's checkpoint folders whose ``trainer_state.json`` Trainer has finished writing."""
+    whole = []
+    for state in run.glob("**/checkpoint-*/trainer_state.json"):
+        try:
+            json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue  # being written (or removed) right now
+        whole.append(state.parent)
+    return sorted(whole)
 
 
 def test_an_unfinished_run_resumes_only_from_a_whole_checkpoint_under_the_same_options(tmp_path):
@@ -335,18 +347,18 @@ def test_a_run_killed_after_an_epoch_continues_from_its_checkpoint(tmp_path):
     command, env, first = start_study(tmp_path, data)
     run = Path(data["output_dir"]) / "rte" / "lora-r8" / "lr0.001" / "seed0"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(run.glob("**/checkpoint-*/trainer_state.json")):
+    while time.time() < deadline and not whole_checkpoints(run):
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
     assert not (run / "results.json").exists(), "the run finished before the kill: make its epochs longer"
-    saved = sorted(run.glob("**/checkpoint-*/trainer_state.json"))
+    saved = whole_checkpoints(run)
     assert saved
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["resumed_from"] is not None
-    assert Path(results["resumed_from"]).name in {p.parent.name for p in saved}
+    assert Path(results["resumed_from"]).name in {p.name for p in saved}
     assert [e["epoch"] for e in results["epochs"]] == [1.0, 2.0, 3.0]  # epoch 1 from before the kill
     assert "# resuming from" in (run / "run.log").read_text()
     assert not list(run.glob("**/checkpoint-*")), "a finished run keeps no checkpoints"

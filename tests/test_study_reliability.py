@@ -24,7 +24,7 @@ from melora.lab.study.command import execute
 from melora.lab.study.plan import is_done, plan_study
 from melora.lab.study.render import render_study
 from melora.lab.study.spec import load_study, parse_study
-from tests.test_study import REPO, finish, hold_lock, study
+from tests.test_study import REPO, finish, hold_lock, study, whole_checkpoints
 
 COUNTER = """
 import os, sys, time
@@ -219,11 +219,7 @@ def test_a_signal_stops_the_study_and_its_runs_and_a_rerun_resumes_each_run_once
     root = str(tmp_path / "study")
     (job,) = plan_study(load_study(path)).jobs
     first = start(tmp_path, path)
-    wait_until(
-        lambda: list(job.folder.glob("**/checkpoint-*/trainer_state.json")),
-        first,
-        what="an epoch's checkpoint",
-    )
+    wait_until(lambda: whole_checkpoints(job.folder), first, what="an epoch's checkpoint")
     assert processes_naming(root), "the run's process is not found"
     os.kill(first.pid, signum)
     out, err = first.communicate(timeout=60)
