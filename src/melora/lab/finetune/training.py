@@ -28,7 +28,7 @@ from melora.lab.args import TrainArgs
 
 logger = logging.getLogger(__name__)
 
-# Files Trainer writes last into a checkpoint: with them present the checkpoint is whole.
+# Files Trainer writes last into a checkpoint: with them present (and the state readable) the checkpoint is whole.
 _CHECKPOINT_STATE = "trainer_state.json"
 _CHECKPOINT_WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 # FSDP with SHARDED_STATE_DICT writes each rank's shards into this folder (transformers' FSDP_MODEL_NAME).
